@@ -1,0 +1,74 @@
+"""``dpo-service`` command line: ``serve``, ``info``.
+
+Settings come from ``DPO_*`` environment variables; the flags here override the few that
+people change on the command line. Secrets (the API key) are never accepted as flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from typing import Any
+
+from dpo_service.settings import Settings
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dpo-service", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve REST (and gRPC) until SIGTERM")
+    serve.add_argument("--model", help="builtin, a ModernDecoderLM directory, or hf:/path")
+    serve.add_argument("--host", help="bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="HTTP port (default 8000)")
+    serve.add_argument("--grpc-port", type=int, help="gRPC port (default 50051)")
+    serve.add_argument("--no-grpc", action="store_true", help="do not serve gRPC")
+    serve.add_argument("--no-http", action="store_true", help="do not serve HTTP")
+    serve.add_argument("--device", help="auto, cpu, cuda, cuda:N")
+    serve.add_argument("--checkpoint-dir", help="checkpoint directory (resumed at start)")
+    info = sub.add_parser("info", help="print the effective settings (secrets masked) and exit")
+    info.add_argument("--model", help="as for serve")
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in ("model", "host", "port", "grpc_port", "device", "checkpoint_dir"):
+        value = getattr(args, name, None)
+        if value is not None:
+            out[name] = value
+    if getattr(args, "no_grpc", False):
+        out["enable_grpc"] = False
+    if getattr(args, "no_http", False):
+        out["enable_http"] = False
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = Settings(**_overrides(args))
+    except Exception as exc:  # pydantic ValidationError or an unreadable key file
+        print(f"dpo-service: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if args.command == "info":
+        print(json.dumps(settings.model_dump(mode="json"), indent=2, default=str))
+        return 0
+    from dpo_service.server import serve
+
+    try:
+        asyncio.run(serve(settings))
+    except (FileNotFoundError, ValueError) as exc:
+        logging.getLogger("dpo_service").error("start-up failed: %s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,141 @@
+"""Admission: what both protocol adapters do before and after the engine.
+
+parse → authorize → prepare (tokenize + validate) → engine.submit. The HTTP and gRPC
+adapters only translate their wire format to a ``dict``/:class:`LossRequest` and map
+:class:`ServiceError` codes to their statuses, so both give identical numbers and the same
+error class for the same input.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from typing import Any
+
+from pydantic import ValidationError
+
+from dpo_service.engine import Engine
+from dpo_service.errors import ErrorCode, ServiceError, from_pydantic
+from dpo_service.model_loader import (
+    ModelBundle,
+    builtin_config,
+    load_bundle,
+    resolve_device,
+    resolve_dtype,
+)
+from dpo_service.preprocess import prepare
+from dpo_service.schemas import LossRequest, LossResponse
+from dpo_service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Core:
+    """The protocol-neutral service: one per process, shared by both adapters."""
+
+    def __init__(self, settings: Settings, engine: Engine) -> None:
+        self.settings = settings
+        self.engine = engine
+        self._key = settings.api_key_value()
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        """Load the model (off the event loop) and start the engine's batcher."""
+        if self._key is None and self.settings.allow_unauthenticated_training:
+            log.warning(
+                "!!! DPO_ALLOW_UNAUTHENTICATED_TRAINING=true and no DPO_API_KEY: ANYONE who can "
+                "reach this server can change the model's weights !!!"
+            )
+        await self.engine.start()
+
+    async def on_shutdown(self) -> None:
+        """Called after draining, before the listeners close."""
+
+    # ------------------------------------------------------------------ auth
+    def authorize(self, presented: str | None, *, privileged: bool) -> None:
+        """Check a bearer key. ``privileged`` marks training/admin calls."""
+        needs_key = privileged or self.settings.require_key_for_loss
+        if self._key is None:
+            if privileged and not self.settings.allow_unauthenticated_training:
+                raise ServiceError(
+                    ErrorCode.UNAUTHENTICATED,
+                    "training and admin calls need DPO_API_KEY to be configured on the server "
+                    "(or DPO_ALLOW_UNAUTHENTICATED_TRAINING=true)",
+                )
+            return
+        if not needs_key:
+            return
+        if presented is None or not hmac.compare_digest(
+            presented.encode("utf-8"), self._key.encode("utf-8")
+        ):
+            raise ServiceError(ErrorCode.UNAUTHENTICATED, "missing or invalid API key")
+
+    # ------------------------------------------------------------------ loss
+    @staticmethod
+    def parse(raw: dict[str, Any]) -> LossRequest:
+        try:
+            return LossRequest.model_validate(raw)
+        except ValidationError as exc:
+            raise from_pydantic(exc) from None
+
+    async def compute(
+        self,
+        request: LossRequest,
+        *,
+        api_key: str | None,
+        protocol: str,
+        timeout_s: float | None = None,
+    ) -> LossResponse:
+        """Run one loss request end to end; raises :class:`ServiceError`."""
+        started = time.monotonic()
+        code = "ok"
+        tokens = 0
+        try:
+            self.authorize(api_key, privileged=request.train)
+            self.engine.check_accepting()
+            prepared = prepare(
+                request, self.engine.require_bundle().tokenizer, self.engine.limits()
+            )
+            tokens = prepared.num_tokens
+            timeout = self.settings.request_timeout_s
+            if timeout_s is not None:
+                timeout = min(timeout, timeout_s)
+            return await self.engine.submit(prepared, timeout_s=timeout)
+        except ServiceError as exc:
+            code = exc.code.value
+            raise
+        finally:
+            self.engine.events.on_request(
+                "compute_loss",
+                protocol,
+                code,
+                time.monotonic() - started,
+                tokens if code == "ok" else 0,
+            )
+
+
+def make_engine(settings: Settings) -> Engine:
+    """An engine that loads the model ``settings`` name (lazily, on ``start``)."""
+
+    def factory() -> ModelBundle:
+        return load_bundle(
+            settings.model,
+            device=resolve_device(settings.device),
+            dtype=resolve_dtype(settings.dtype),
+            builtin=builtin_config(
+                d_model=settings.builtin_d_model,
+                layers=settings.builtin_layers,
+                heads=settings.builtin_heads,
+                kv_heads=settings.builtin_kv_heads,
+                max_seq_len=settings.builtin_max_seq_len,
+                seed=settings.seed,
+            ),
+        )
+
+    return Engine(settings, factory)
+
+
+def make_core(settings: Settings) -> Core:
+    """The service core for ``settings`` (the model loads when its engine starts)."""
+    return Core(settings, make_engine(settings))

@@ -1,0 +1,132 @@
+"""Builds the model bundle the engine holds: model, tokenizer adapter and metadata.
+
+``DPO_MODEL`` selects the source:
+
+- ``builtin``: a seeded :class:`ModernDecoderLM` sized by the ``DPO_BUILTIN_*`` settings, with
+  the byte tokenizer (no files needed);
+- a directory written by ``ModernDecoderLM.save_pretrained`` (config.json + model.safetensors),
+  also with the byte tokenizer;
+- ``hf:/path``: a local transformers causal LM (see :mod:`dpo_service.hf_model`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from modern_llm.alignment.logprobs import CausalLM, PairTokens
+from modern_llm.models.transformer import ModernDecoderConfig, ModernDecoderLM
+from modern_llm.tokenizer import ByteTokenizer
+
+
+class TripleTokenizer(Protocol):
+    """Turns text triples into token ids the way the model was trained to see them."""
+
+    name: str
+    vocab_size: int
+    pad_id: int
+
+    def encode_triple(self, prompt: str, chosen: str, rejected: str) -> PairTokens: ...
+
+
+class ByteTripleTokenizer:
+    """TRL-style layout with the byte tokenizer: ``[BOS] prompt`` then ``response [EOS]``."""
+
+    def __init__(self) -> None:
+        self.inner = ByteTokenizer()
+        self.name = self.inner.name
+        self.vocab_size = self.inner.vocab_size
+        self.pad_id = self.inner.pad_id
+
+    def encode_triple(self, prompt: str, chosen: str, rejected: str) -> PairTokens:
+        return PairTokens(
+            prompt=self.inner.encode(prompt, add_bos=True),
+            chosen=self.inner.encode(chosen, add_eos=True) if chosen else [],
+            rejected=self.inner.encode(rejected, add_eos=True) if rejected else [],
+        )
+
+
+@dataclass
+class ModelBundle:
+    """What the engine owns."""
+
+    model: torch.nn.Module
+    tokenizer: TripleTokenizer
+    name: str
+    kind: str
+    vocab_size: int
+    max_seq_len: int
+
+    @property
+    def causal_lm(self) -> CausalLM:
+        return self.model  # type: ignore[return-value]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"DPO_DEVICE={name} but CUDA is not available")
+    return device
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def builtin_config(
+    *, d_model: int, layers: int, heads: int, kv_heads: int, max_seq_len: int, seed: int
+) -> ModernDecoderConfig:
+    """The built-in model's config: byte vocabulary, the given sizes."""
+    return ModernDecoderConfig(
+        vocab_size=ByteTokenizer.vocab_size,
+        d_model=d_model,
+        n_layers=layers,
+        n_heads=heads,
+        n_kv_heads=kv_heads,
+        max_seq_len=max_seq_len,
+        seed=seed,
+    )
+
+
+def load_bundle(
+    source: str,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    builtin: ModernDecoderConfig,
+) -> ModelBundle:
+    """Load the model named by ``source`` onto ``device`` in ``dtype``."""
+    if source.startswith("hf:"):
+        from dpo_service.hf_model import load_hf_bundle
+
+        return load_hf_bundle(Path(source[3:]), device=device, dtype=dtype)
+    if source == "builtin":
+        model = ModernDecoderLM(builtin)
+        name, kind = f"builtin-modern-decoder-{model.num_parameters() / 1e6:.1f}M", "builtin"
+    else:
+        path = Path(source)
+        if not path.is_dir():
+            raise FileNotFoundError(f"model directory {path} does not exist")
+        model = ModernDecoderLM.from_pretrained(path)
+        name, kind = path.name, "modern_llm"
+    tokenizer = ByteTripleTokenizer()
+    if model.config.vocab_size < tokenizer.vocab_size:
+        raise ValueError(
+            f"model vocab {model.config.vocab_size} is smaller than the byte tokenizer's "
+            f"{tokenizer.vocab_size}"
+        )
+    model.to(device=device, dtype=dtype)
+    return ModelBundle(
+        model=model,
+        tokenizer=tokenizer,
+        name=name,
+        kind=kind,
+        vocab_size=model.config.vocab_size,
+        max_seq_len=model.config.max_seq_len,
+    )

@@ -1,0 +1,161 @@
+"""Request and response models shared by the REST and gRPC adapters.
+
+Field descriptions are the API documentation: they show up in the OpenAPI schema, and the
+proto file's comments say the same. Log-probabilities are natural-log nats summed over the
+response tokens; rewards are ``beta * (logp - reference_logp)`` in the same units.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictInt, StrictStr, Tag
+
+from modern_llm.alignment.dpo_loss import LossType
+
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _PairReference(_Strict):
+    reference_chosen_logp: FiniteFloat | None = Field(
+        None, description="Reference policy's summed log-prob of the chosen response (nats)."
+    )
+    reference_rejected_logp: FiniteFloat | None = Field(
+        None, description="Reference policy's summed log-prob of the rejected response (nats)."
+    )
+
+
+class TextPair(_PairReference):
+    """A preference triple as text; the service tokenizes it (BOS + prompt, response + EOS)."""
+
+    prompt: StrictStr = Field(..., description="Prompt text (may be empty: BOS is prepended).")
+    chosen: StrictStr = Field(..., description="Preferred response text (non-empty).")
+    rejected: StrictStr = Field(..., description="Dispreferred response text (non-empty).")
+
+
+class TokenPair(_PairReference):
+    """A preference triple as token ids, used exactly as given (no BOS/EOS added)."""
+
+    prompt_ids: list[StrictInt] = Field(..., description="Prompt token ids (at least one).")
+    chosen_ids: list[StrictInt] = Field(..., description="Chosen response token ids (non-empty).")
+    rejected_ids: list[StrictInt] = Field(
+        ..., description="Rejected response token ids (non-empty)."
+    )
+
+
+def _pair_kind(value: Any) -> str:
+    if isinstance(value, dict):
+        return "tokens" if any(k.endswith("_ids") for k in value) else "text"
+    return "tokens" if isinstance(value, TokenPair) else "text"
+
+
+Pair = Annotated[
+    Annotated[TextPair, Tag("text")] | Annotated[TokenPair, Tag("tokens")],
+    Discriminator(_pair_kind),
+]
+
+
+class ReferenceMode(str, Enum):
+    """Where reference log-probs come from."""
+
+    NONE = "none"
+    PROVIDED = "provided"
+    FROZEN = "frozen"
+
+
+class LossRequest(_Strict):
+    """Body of ``POST /dpo/loss`` (and of gRPC ``ComputeLossRequest``)."""
+
+    pairs: list[Pair] = Field(..., min_length=1, description="Preference triples (1..max).")
+    beta: FiniteFloat = Field(0.1, gt=0, description="DPO temperature β (> 0).")
+    loss_type: LossType = Field(
+        LossType.SIGMOID,
+        description="sigmoid (DPO; without a reference this is the seed's simplified loss), "
+        "hinge, ipo, robust, simpo.",
+    )
+    label_smoothing: FiniteFloat = Field(
+        0.0, ge=0, lt=0.5, description="cDPO / robust label smoothing ε in [0, 0.5)."
+    )
+    simpo_gamma: FiniteFloat = Field(0.5, description="SimPO target reward margin γ.")
+    reference: Literal["auto", "none", "frozen"] = Field(
+        "auto",
+        description="auto: use per-pair reference log-probs when given, else none; none: "
+        "reference-free; frozen: the service's frozen copy of the initial weights.",
+    )
+    train: bool = Field(False, description="Apply one optimizer step with this batch's loss.")
+    request_id: Annotated[str, Field(min_length=1, max_length=128)] | None = Field(
+        None, description="Idempotency key for train requests; echoed back."
+    )
+    expected_version: Annotated[int, Field(ge=0)] | None = Field(
+        None, description="Train only if the model version equals this (else 409)."
+    )
+
+
+class LossResponse(BaseModel):
+    """DPO loss and per-pair statistics (TRL's metric names in ``metrics``)."""
+
+    loss: float = Field(..., description="Mean of the per-pair losses.")
+    losses: list[float] = Field(..., description="Per-pair loss.")
+    chosen_logps: list[float] = Field(
+        ..., description="Policy log-prob of each chosen response (nats, summed)."
+    )
+    rejected_logps: list[float] = Field(
+        ..., description="Policy log-prob of each rejected response (nats, summed)."
+    )
+    reference_chosen_logps: list[float] | None = Field(
+        None, description="Reference log-probs used, if any."
+    )
+    reference_rejected_logps: list[float] | None = Field(
+        None, description="Reference log-probs used, if any."
+    )
+    rewards_chosen: list[float] = Field(..., description="β·(logp − ref) of the chosen responses.")
+    rewards_rejected: list[float] = Field(
+        ..., description="β·(logp − ref) of the rejected responses."
+    )
+    margins: list[float] = Field(..., description="rewards_chosen − rewards_rejected.")
+    accuracy: float = Field(
+        ..., description="Fraction of pairs with rewards_chosen > rewards_rejected."
+    )
+    chosen_tokens: list[int] = Field(..., description="Response tokens scored per chosen response.")
+    rejected_tokens: list[int] = Field(
+        ..., description="Response tokens scored per rejected response."
+    )
+    num_tokens: int = Field(..., description="Tokens processed (prompt counted once per sequence).")
+    metrics: dict[str, float] = Field(
+        ..., description="TRL metric names: rewards/chosen, logps/chosen, …"
+    )
+    loss_type: LossType
+    beta: float
+    model_version: int = Field(
+        ..., description="Optimizer steps applied before this loss was computed."
+    )
+    trained: bool = Field(False, description="Whether an optimizer step was applied.")
+    grad_norm: float | None = Field(
+        None, description="Gradient L2 norm before clipping (train only)."
+    )
+    new_model_version: int | None = Field(
+        None, description="Model version after the step (train only)."
+    )
+    request_id: str | None = Field(
+        None, description="The request id (given, or assigned by the server)."
+    )
+
+
+class ModelInfo(BaseModel):
+    """``GET /v1/model``."""
+
+    name: str
+    kind: str = Field(..., description="builtin, modern_llm or hf.")
+    parameters: int
+    vocab_size: int
+    max_seq_len: int
+    dtype: str
+    device: str
+    model_version: int
+    tokenizer: str
+    reference: bool = Field(..., description="Whether a frozen reference copy is kept.")

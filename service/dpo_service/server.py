@@ -1,0 +1,129 @@
+"""The combined server: one engine, HTTP (uvicorn) and gRPC (grpc.aio) in one process.
+
+Lifecycle:
+1. both listeners start at once; readiness is false (HTTP 503, gRPC health NOT_SERVING)
+   while the model loads;
+2. the engine loads (resuming the latest checkpoint when ``DPO_CHECKPOINT_DIR`` is set) and
+   readiness turns true;
+3. on SIGTERM/SIGINT readiness turns false, new requests get 503 / UNAVAILABLE, queued and
+   in-flight requests finish (bounded by ``DPO_DRAIN_TIMEOUT_S``), a final checkpoint is
+   written, the listeners close and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+
+from dpo_service.core import Core, make_core
+from dpo_service.http_api import create_app
+from dpo_service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn server whose signal handling we own (the combined server drains first)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Any:  # uvicorn >= 0.29
+        yield
+
+    def install_signal_handlers(self) -> None:  # older uvicorn
+        return
+
+
+@dataclass
+class RunningServer:
+    """Handles of a started server (used by ``serve`` and by tests)."""
+
+    core: Core
+    http: _Uvicorn | None = None
+    http_task: asyncio.Task[None] | None = None
+    grpc: Any = None
+    http_port: int | None = None
+    grpc_port: int | None = None
+    stopped: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def shutdown(self) -> None:
+        """Drain, checkpoint, close listeners."""
+        settings = self.core.settings
+        engine = self.core.engine
+        if self.grpc is not None:
+            await self.grpc.set_serving(False)
+        drained = await engine.drain(settings.drain_timeout_s)
+        if not drained:
+            log.warning("drain timeout: %d requests still pending", engine.pending())
+        with contextlib.suppress(Exception):
+            await self.core.on_shutdown()
+        if self.grpc is not None:
+            await self.grpc.stop(grace=1.0)
+        if self.http is not None and self.http_task is not None:
+            self.http.should_exit = True
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.http_task, timeout=max(5.0, settings.drain_timeout_s))
+        await engine.stop()
+        self.stopped.set()
+
+
+async def start(settings: Settings, core: Core | None = None) -> RunningServer:
+    """Start the listeners, then load the model. Returns once the model is ready."""
+    core = core or make_core(settings)
+    running = RunningServer(core=core)
+    if settings.enable_grpc:
+        from dpo_service.grpc_api import start_grpc_server
+
+        running.grpc = await start_grpc_server(core, settings)
+        running.grpc_port = running.grpc.port
+    if settings.enable_http:
+        config = uvicorn.Config(
+            create_app(settings, core=core),
+            host=settings.host,
+            port=settings.port,
+            log_level=settings.log_level,
+            lifespan="on",
+            timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)),
+        )
+        server = _Uvicorn(config)
+        running.http = server
+        running.http_task = asyncio.create_task(server.serve(), name="uvicorn")
+        while not server.started:
+            if running.http_task.done():
+                running.http_task.result()  # re-raise the bind error
+                raise RuntimeError("HTTP server exited during start-up")
+            await asyncio.sleep(0.01)
+        sockets = [s for srv in server.servers for s in srv.sockets]
+        running.http_port = sockets[0].getsockname()[1] if sockets else settings.port
+    await core.start()
+    if running.grpc is not None:
+        await running.grpc.set_serving(True)
+    log.info(
+        "serving: http=%s grpc=%s model=%s version=%d",
+        running.http_port,
+        running.grpc_port,
+        core.engine.bundle.name if core.engine.bundle else "?",
+        core.engine.version,
+    )
+    return running
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM/SIGINT, then drain and exit."""
+    running = await start(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    waiters = [asyncio.create_task(stop.wait())]
+    if running.http_task is not None:
+        waiters.append(running.http_task)  # type: ignore[arg-type]
+    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    log.info("shutting down: draining in-flight requests")
+    await running.shutdown()
+    log.info("stopped at model version %d", running.core.engine.version)

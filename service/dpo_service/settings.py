@@ -1,0 +1,146 @@
+"""Typed configuration: every knob of the service, read from ``DPO_*`` environment variables.
+
+This is the only module that reads the environment. Each field's description is what the
+README's config table shows.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class LogpStrategyName(str, Enum):
+    """How chosen and rejected share the prompt in the forward pass."""
+
+    AUTO = "auto"
+    TWO_ROWS = "two_rows"
+    SHARED_PREFIX = "shared_prefix"
+
+
+class Settings(BaseSettings):
+    """Service configuration (env prefix ``DPO_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="DPO_", extra="ignore", validate_default=True)
+
+    # --- network -------------------------------------------------------------------------
+    host: str = Field(
+        "127.0.0.1", description="Address both servers bind to (0.0.0.0 only when asked)."
+    )
+    port: int = Field(8000, ge=0, le=65535, description="HTTP port (0 picks a free one).")
+    grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 picks a free one).")
+    enable_http: bool = Field(True, description="Serve the REST API.")
+    enable_grpc: bool = Field(True, description="Serve the gRPC API.")
+    grpc_max_message_bytes: int = Field(
+        16 * 1024 * 1024, gt=0, description="Largest gRPC message received or sent, in bytes."
+    )
+
+    # --- model ---------------------------------------------------------------------------
+    model: str = Field(
+        "builtin",
+        description=(
+            "`builtin` (seeded ModernDecoderLM + byte tokenizer), a directory saved by "
+            "`ModernDecoderLM.save_pretrained`, or `hf:/path` to a local transformers model."
+        ),
+    )
+    device: str = Field(
+        "auto", description="`auto` (CUDA when present, else CPU), `cpu`, `cuda`, `cuda:N`."
+    )
+    dtype: str = Field("float32", description="Weight dtype: float32, bfloat16 or float16.")
+    seed: int = Field(0, description="Seed of the built-in model's initialisation.")
+    builtin_d_model: int = Field(256, gt=0, description="Built-in model: hidden size.")
+    builtin_layers: int = Field(4, gt=0, description="Built-in model: decoder layers.")
+    builtin_heads: int = Field(8, gt=0, description="Built-in model: attention heads.")
+    builtin_kv_heads: int = Field(2, gt=0, description="Built-in model: key/value heads (GQA).")
+    builtin_max_seq_len: int = Field(1024, gt=1, description="Built-in model: max positions.")
+    keep_reference: bool = Field(
+        False, description='Keep a frozen copy of the initial weights for `reference: "frozen"`.'
+    )
+
+    # --- optimisation --------------------------------------------------------------------
+    lr: float = Field(1e-5, gt=0, description="AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping threshold (L2 norm).")
+
+    # --- compute -------------------------------------------------------------------------
+    logp_strategy: LogpStrategyName = Field(
+        LogpStrategyName.AUTO, description="Prompt sharing: auto, two_rows or shared_prefix."
+    )
+    logp_chunk_size: int = Field(
+        2048, gt=0, description="Response positions per LM-head chunk (bounds log-prob memory)."
+    )
+    max_batch_tokens: int = Field(
+        16384, gt=0, description="Token budget of one coalesced forward pass of loss-only requests."
+    )
+    max_wait_ms: float = Field(
+        2.0, ge=0, description="How long the batcher waits for more loss-only requests to coalesce."
+    )
+    dynamic_batching: bool = Field(True, description="Coalesce concurrent loss-only requests.")
+
+    # --- limits --------------------------------------------------------------------------
+    max_pairs_per_request: int = Field(256, gt=0, description="Pairs in one request (422 above).")
+    max_sequence_tokens: int | None = Field(
+        None, gt=1, description="Tokens of prompt+response (default: the model's max length)."
+    )
+    max_request_tokens: int = Field(
+        262144, gt=0, description="Tokens in one request, all sequences together (422 above)."
+    )
+    max_body_bytes: int = Field(
+        8 * 1024 * 1024, gt=0, description="HTTP request body bytes (413 above)."
+    )
+    max_queue: int = Field(64, gt=0, description="Requests waiting for the engine (429 above).")
+    request_timeout_s: float = Field(
+        60.0, gt=0, description="Server-side deadline of a request, queueing included (504)."
+    )
+
+    # --- security ------------------------------------------------------------------------
+    api_key: SecretStr | None = Field(
+        None, description="Bearer key required for training/admin calls (or use DPO_API_KEY_FILE)."
+    )
+    api_key_file: Path | None = Field(None, description="File holding the API key.")
+    require_key_for_loss: bool = Field(
+        False, description="Require the key for loss-only calls too."
+    )
+    allow_unauthenticated_training: bool = Field(
+        False, description="With no key configured, allow train requests anyway (loud warning)."
+    )
+
+    # --- durability ----------------------------------------------------------------------
+    checkpoint_dir: Path | None = Field(None, description="Where checkpoints go; resumed at start.")
+    checkpoint_every: int = Field(
+        0, ge=0, description="Checkpoint every N optimizer steps (0: off)."
+    )
+    checkpoint_keep: int = Field(3, gt=0, description="How many checkpoints to keep.")
+    drain_timeout_s: float = Field(
+        30.0, ge=0, description="SIGTERM: how long in-flight work may take."
+    )
+
+    log_level: str = Field("info", description="Log level.")
+
+    @field_validator("dtype")
+    @classmethod
+    def _check_dtype(cls, value: str) -> str:
+        if value not in {"float32", "bfloat16", "float16"}:
+            raise ValueError("dtype must be float32, bfloat16 or float16")
+        return value
+
+    @model_validator(mode="after")
+    def _load_key_file(self) -> Settings:
+        if self.api_key is None and self.api_key_file is not None:
+            key = self.api_key_file.read_text(encoding="utf-8").strip()
+            if not key:
+                raise ValueError(f"DPO_API_KEY_FILE {self.api_key_file} is empty")
+            self.api_key = SecretStr(key)
+        return self
+
+    def api_key_value(self) -> str | None:
+        """The configured API key, or None when the service runs without one."""
+        if self.api_key is None:
+            return None
+        value = self.api_key.get_secret_value()
+        return value or None

@@ -1,0 +1,1 @@
+"""Preference-alignment losses and sequence log-probabilities."""

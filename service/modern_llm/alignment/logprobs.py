@@ -1,0 +1,296 @@
+"""Batched, masked, chunked response log-probs for preference pairs.
+
+For each pair ``(prompt, chosen, rejected)`` of token-id lists this computes
+
+    logp_chosen = Σ_{t in chosen} log p(y_t | prompt, y_<t)
+
+(and the same for ``rejected``) in ONE forward pass for the whole batch, without ever
+materialising a (B, T, V) log-softmax:
+
+1. a layout function packs the pairs into rows (see :class:`LogpStrategy`) and records, for
+   every response token, the flat index of the hidden state that predicts it (the position just
+   before it), its target id and the sequence it belongs to;
+2. the model returns final hidden states (R, L, D); only the N response positions are gathered;
+3. :func:`_response_token_logps` applies the LM head to ``chunk_size`` positions at a time in
+   float32 and keeps only ``target_logit - logsumexp`` (chunk,), under activation checkpointing
+   when autograd is on, so peak memory grows with ``chunk_size · V``, not ``T · V``;
+4. ``index_add`` reduces token log-probs into per-sequence sums.
+
+Works with any model that satisfies :class:`CausalLM` (``hidden_states`` + ``lm_head_weight``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+__all__ = [
+    "CausalLM",
+    "LogpStrategy",
+    "PairTokens",
+    "SequenceLogps",
+    "pair_logps",
+]
+
+
+@runtime_checkable
+class CausalLM(Protocol):
+    """What :func:`pair_logps` needs from a model.
+
+    ``hidden_states`` returns final-normed hidden states (B, T, D) (before the LM head);
+    ``attn_mask`` is an explicit boolean (B, T, S) "may attend" mask replacing the causal one;
+    ``position_ids`` (B, T) are RoPE positions. ``lm_head_weight`` is (V, D). A model may also
+    expose ``lm_head_bias`` (V,) or ``None``.
+    """
+
+    def hidden_states(
+        self,
+        input_ids: Tensor,
+        *,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        attn_mask: Tensor | None = None,
+        past_key_values: Any = None,
+        use_cache: bool = False,
+    ) -> Any: ...
+
+    @property
+    def lm_head_weight(self) -> Tensor: ...
+
+
+class LogpStrategy(str, Enum):
+    """How pairs are laid out for the single forward pass.
+
+    - ``TWO_ROWS``: 2B rows ``[prompt][chosen]`` and ``[prompt][rejected]``, right-padded,
+      plain causal attention (right padding needs no mask: real tokens never see later pads).
+    - ``SHARED_PREFIX``: B rows ``[prompt][chosen][rejected]``; rejected tokens reuse the
+      prompt's positions offset (``P..P+R-1``) and a boolean mask hides chosen from rejected,
+      so the prompt is encoded once. Exact for training too (gradients match ``TWO_ROWS``).
+    - ``AUTO``: currently ``SHARED_PREFIX``.
+    """
+
+    AUTO = "auto"
+    TWO_ROWS = "two_rows"
+    SHARED_PREFIX = "shared_prefix"
+
+
+@dataclass
+class PairTokens:
+    """One preference pair: prompt (with BOS) and two responses (with EOS), all non-empty."""
+
+    prompt: list[int]
+    chosen: list[int]
+    rejected: list[int]
+
+
+@dataclass
+class SequenceLogps:
+    """Per-pair summed response log-probs (float32) and response token counts (long)."""
+
+    chosen: Tensor  # (B,)
+    rejected: Tensor  # (B,)
+    chosen_tokens: Tensor  # (B,) long
+    rejected_tokens: Tensor  # (B,) long
+
+
+@dataclass
+class _Layout:
+    """Rows to run through the model and where the response tokens sit in them."""
+
+    input_ids: Tensor  # (R, L) long
+    position_ids: Tensor | None  # (R, L) long, None for the default 0..L-1
+    segments: Tensor | None  # (R, L) 0 prompt / 1 chosen / 2 rejected / 3 pad (SHARED_PREFIX)
+    gather_index: Tensor  # (N,) flat index into R·L of the hidden state predicting each token
+    targets: Tensor  # (N,) target token ids
+    sequence: Tensor  # (N,) output slot: pair i chosen → i, rejected → B + i
+
+
+# ------------------------------------------------------------------------------------ layouts
+
+
+def _validate(pairs: Sequence[PairTokens], vocab_size: int) -> None:
+    if len(pairs) == 0:
+        raise ValueError("pairs must be non-empty")
+    for i, p in enumerate(pairs):
+        for name in ("prompt", "chosen", "rejected"):
+            ids = getattr(p, name)
+            if len(ids) == 0:
+                raise ValueError(f"pair {i}: {name} must be non-empty")
+            if min(ids) < 0 or max(ids) >= vocab_size:
+                raise ValueError(f"pair {i}: {name} has token ids outside [0, {vocab_size})")
+
+
+def _finish_layout(
+    ids: list[list[int]],
+    positions: list[list[int]] | None,
+    segments: list[list[int]] | None,
+    predictors: list[list[int]],
+    responses: list[list[int]],
+) -> _Layout:
+    """Tensors of a layout; ``predictors[s]``/``responses[s]`` belong to output slot ``s``.
+
+    Slot ``s`` lives in row ``s % len(ids)`` (two-rows: row s; shared-prefix: row s mod B).
+    """
+    n_rows, width = len(ids), len(ids[0])
+    flat = [(s % n_rows) * width + q for s, preds in enumerate(predictors) for q in preds]
+    return _Layout(
+        input_ids=torch.tensor(ids, dtype=torch.long),  # (R, L)
+        position_ids=None if positions is None else torch.tensor(positions, dtype=torch.long),
+        segments=None if segments is None else torch.tensor(segments, dtype=torch.long),
+        gather_index=torch.tensor(flat, dtype=torch.long),  # (N,)
+        targets=torch.tensor([t for resp in responses for t in resp], dtype=torch.long),
+        sequence=torch.tensor([s for s, r in enumerate(responses) for _ in r], dtype=torch.long),
+    )
+
+
+def build_two_rows_layout(pairs: Sequence[PairTokens], pad_id: int) -> _Layout:
+    """2B right-padded rows: ``[prompt][chosen]`` for every pair, then ``[prompt][rejected]``."""
+    responses = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    prompt_lens = [len(p.prompt) for p in pairs] * 2
+    rows = [p.prompt + p.chosen for p in pairs] + [p.prompt + p.rejected for p in pairs]
+    width = max(len(r) for r in rows)
+    ids = [r + [pad_id] * (width - len(r)) for r in rows]
+    # Response token j of a row is predicted by the hidden state at position P-1+j.
+    predictors = [
+        list(range(plen - 1, plen - 1 + len(resp)))
+        for plen, resp in zip(prompt_lens, responses, strict=True)
+    ]
+    return _finish_layout(ids, None, None, predictors, responses)
+
+
+def build_shared_prefix_layout(pairs: Sequence[PairTokens], pad_id: int) -> _Layout:
+    """B right-padded rows ``[prompt][chosen][rejected]`` with positions and segment ids.
+
+    Positions are ``0..P-1, P..P+C-1, P..P+R-1`` so the rejected tokens see exactly the
+    positions they would have in their own row; the first chosen and the first rejected token
+    are both predicted from the last prompt position. Segments: 0 prompt, 1 chosen,
+    2 rejected, 3 pad.
+    """
+    width = max(len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
+    ids, pos, seg = [], [], []
+    chosen_pred, rejected_pred = [], []
+    for p in pairs:
+        plen, clen, rlen = len(p.prompt), len(p.chosen), len(p.rejected)
+        pad = width - plen - clen - rlen
+        ids.append(p.prompt + p.chosen + p.rejected + [pad_id] * pad)
+        pos.append([*range(plen + clen), *range(plen, plen + rlen), *[0] * pad])
+        seg.append([0] * plen + [1] * clen + [2] * rlen + [3] * pad)
+        chosen_pred.append(list(range(plen - 1, plen + clen - 1)))
+        rejected_pred.append([plen - 1, *range(plen + clen, plen + clen + rlen - 1)])
+    responses = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    return _finish_layout(ids, pos, seg, chosen_pred + rejected_pred, responses)
+
+
+def shared_prefix_mask(segments: Tensor) -> Tensor:
+    """Boolean "may attend" mask (B, L, L) from segment ids (B, L).
+
+    Query ``q`` may attend key ``k <= q`` when ``k`` is a prompt token or in ``q``'s own
+    segment: prompt is causal, chosen sees prompt + earlier chosen, rejected sees prompt +
+    earlier rejected (never chosen), pads see prompt + pads (never NaN, never seen by real
+    tokens).
+    """
+    length = segments.shape[1]
+    idx = torch.arange(length, device=segments.device)
+    causal = idx[None, :] <= idx[:, None]  # (L, L)
+    seg_q, seg_k = segments[:, :, None], segments[:, None, :]  # (B, L, 1), (B, 1, L)
+    return causal[None] & ((seg_k == 0) | (seg_k == seg_q))  # (B, L, L)
+
+
+# ------------------------------------------------------------------------- chunked LM head
+
+
+def _chunk_logps(hidden: Tensor, targets: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``log softmax(hidden @ W.T + b)[target]`` for one chunk: (n, D), (n,) → (n,) float32."""
+    logits = F.linear(hidden, weight, bias).float()  # (n, V) — the only V-wide tensor
+    target_logit = logits.gather(1, targets[:, None]).squeeze(1)  # (n,)
+    return target_logit - torch.logsumexp(logits, dim=-1)
+
+
+def _response_token_logps(
+    hidden: Tensor, targets: Tensor, weight: Tensor, chunk_size: int, bias: Tensor | None = None
+) -> Tensor:
+    """Token log-probs (N,) float32 for hidden states (N, D) and targets (N,), chunk by chunk.
+
+    With autograd on, each chunk runs under activation checkpointing, so backward keeps only
+    the chunk inputs and recomputes the (chunk, V) logits one chunk at a time.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    grad = torch.is_grad_enabled() and (
+        hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    )
+    out = []
+    for start in range(0, hidden.shape[0], chunk_size):
+        h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
+        if grad:
+            out.append(checkpoint(_chunk_logps, h, t, weight, bias, use_reentrant=False))
+        else:
+            out.append(_chunk_logps(h, t, weight, bias))
+    if not out:
+        return hidden.new_zeros(0, dtype=torch.float32)
+    return out[0] if len(out) == 1 else torch.cat(out)  # (N,)
+
+
+# ------------------------------------------------------------------------------ entry point
+
+
+def pair_logps(
+    model: CausalLM,
+    pairs: Sequence[PairTokens],
+    *,
+    strategy: LogpStrategy | str = LogpStrategy.AUTO,
+    chunk_size: int = 4096,
+    pad_id: int = 0,
+    device: torch.device | str | None = None,
+) -> SequenceLogps:
+    """Summed response log-probs of every pair's chosen and rejected response.
+
+    One forward pass for the whole batch (see :class:`LogpStrategy` for the layouts);
+    differentiable w.r.t. the model parameters unless run under ``no_grad``/``inference_mode``.
+
+    Args:
+        model: a :class:`CausalLM`.
+        pairs: prompts include BOS, responses include EOS; all non-empty.
+        strategy: layout, ``LogpStrategy`` or its string value.
+        chunk_size: response positions per LM-head chunk (peak memory ∝ chunk_size · V).
+        pad_id: id used for right padding (never predicted, never attended by real tokens).
+        device: where to run; default the device of ``model.lm_head_weight``.
+    """
+    strategy = LogpStrategy(strategy)
+    if strategy is LogpStrategy.AUTO:
+        strategy = LogpStrategy.SHARED_PREFIX
+    weight = model.lm_head_weight  # (V, D)
+    bias: Tensor | None = getattr(model, "lm_head_bias", None)
+    _validate(pairs, weight.shape[0])
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    dev = torch.device(device) if device is not None else weight.device
+
+    if strategy is LogpStrategy.TWO_ROWS:
+        layout = build_two_rows_layout(pairs, pad_id)
+    else:
+        layout = build_shared_prefix_layout(pairs, pad_id)
+    input_ids = layout.input_ids.to(dev, non_blocking=True)
+    position_ids = None if layout.position_ids is None else layout.position_ids.to(dev)
+    attn_mask = None if layout.segments is None else shared_prefix_mask(layout.segments.to(dev))
+
+    hidden = model.hidden_states(input_ids, position_ids=position_ids, attn_mask=attn_mask)
+    hidden = hidden.reshape(-1, hidden.shape[-1])  # (R·L, D)
+    selected = hidden.index_select(0, layout.gather_index.to(dev))  # (N, D)
+    token_logps = _response_token_logps(
+        selected, layout.targets.to(dev), weight, chunk_size, bias
+    )  # (N,)
+    b = len(pairs)
+    sums = torch.zeros(2 * b, dtype=torch.float32, device=dev).index_add(
+        0, layout.sequence.to(dev), token_logps
+    )  # (2B,)
+    chosen_tokens = torch.tensor([len(p.chosen) for p in pairs], dtype=torch.long, device=dev)
+    rejected_tokens = torch.tensor([len(p.rejected) for p in pairs], dtype=torch.long, device=dev)
+    return SequenceLogps(sums[:b], sums[b:], chosen_tokens, rejected_tokens)

@@ -1,0 +1,5 @@
+"""Tokenizers that need no files."""
+
+from modern_llm.tokenizer.byte_tokenizer import ByteTokenizer
+
+__all__ = ["ByteTokenizer"]
