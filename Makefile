@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 export PYTHONHASHSEED := 0
 
-.PHONY: dev proto proto-check lint typecheck test test-fast check serve bench node
+.PHONY: dev proto proto-check buf-lint compose-check lint test test-fast check serve bench
 
 dev:
 	bash scripts/setup.sh
@@ -11,11 +11,17 @@ proto:
 	bash scripts/gen_proto.sh
 
 proto-check: proto
-	git diff --exit-code -- service/dpo_service/grpc_gen || (echo "generated stubs are stale: run make proto" && exit 1)
+	@test -z "$$(git status --porcelain -- service/dpo_service/grpc_gen)" || (git status --short -- service/dpo_service/grpc_gen; echo "generated stubs are stale: run make proto"; exit 1)
+
+buf-lint:
+	cd .ci/node && npx --no-install buf lint ../..
+
+compose-check:
+	docker compose config --quiet
 
 lint:
-	$(PY) -m ruff check service tests bench
-	$(PY) -m ruff format --check service tests bench
+	$(PY) -m ruff check service tests bench examples scripts
+	$(PY) -m ruff format --check service tests bench examples scripts
 	$(PY) -m mypy
 
 test:
@@ -24,7 +30,7 @@ test:
 test-fast:
 	$(PY) -m pytest -q -m "not slow"
 
-check: lint test
+check: lint proto-check buf-lint compose-check test
 
 serve:
 	.venv/bin/dpo-service serve

@@ -50,7 +50,31 @@ class Core:
         await self.engine.start()
 
     async def on_shutdown(self) -> None:
-        """Called after draining, before the listeners close."""
+        """Called after draining, before the listeners close: no new work starts (what the
+        drain timeout left queued gets UNAVAILABLE), then the final checkpoint."""
+        self.engine.halt()
+        if self.settings.checkpoint_dir is None or self.engine.bundle is None:
+            return
+        try:
+            info = await self.engine.checkpoint()
+        except Exception:
+            log.exception("the final checkpoint failed")
+            return
+        log.info("final checkpoint: model version %d at %s", info.version, info.path)
+
+    # ------------------------------------------------------------------ admin
+    async def checkpoint(self) -> dict[str, Any]:
+        """Write a checkpoint now (after any running step); adapters authorize first.
+
+        Returns ``version``, ``path``, ``files`` (name → sha256) and ``weights_sha256``.
+        Raises NOT_FOUND when checkpoints are off, UNAVAILABLE while loading.
+        """
+        info = await self.engine.checkpoint()
+        return info.as_dict()
+
+    async def list_checkpoints(self) -> dict[str, Any]:
+        """Checkpoints on disk with their verification result, and the live weights' digest."""
+        return await self.engine.checkpoints()
 
     # ------------------------------------------------------------------ auth
     def authorize(self, presented: str | None, *, privileged: bool) -> None:
@@ -91,6 +115,7 @@ class Core:
         started = time.monotonic()
         code = "ok"
         tokens = 0
+        self.engine.events.in_flight.inc()
         try:
             self.authorize(api_key, privileged=request.train)
             self.engine.check_accepting()
@@ -106,6 +131,7 @@ class Core:
             code = exc.code.value
             raise
         finally:
+            self.engine.events.in_flight.dec()
             self.engine.events.on_request(
                 "compute_loss",
                 protocol,

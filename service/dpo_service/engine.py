@@ -11,6 +11,9 @@ order and runs model work on one worker thread, so concurrent requests never rac
 - A train request runs alone, in arrival order, and applies exactly one optimizer step. Its
   loss is computed before the step; a non-finite loss or gradient applies nothing.
 - Expired or cancelled requests are dropped before they reach the model.
+- With ``DPO_CHECKPOINT_DIR`` it resumes the latest valid checkpoint on load, checkpoints
+  every ``DPO_CHECKPOINT_EVERY`` steps on the worker thread before the step's response is
+  released (an acknowledged step at a multiple of N is durable), and on demand.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -27,6 +31,8 @@ from typing import Any
 
 import torch
 
+from dpo_service.checkpoint import CheckpointInfo
+from dpo_service.durability import Checkpointer
 from dpo_service.errors import ErrorCode, ServiceError
 from dpo_service.events import EngineEvents
 from dpo_service.model_loader import ModelBundle
@@ -44,9 +50,27 @@ class _Job:
     future: asyncio.Future[LossResponse]
     deadline: float | None
     enqueued_at: float = field(default_factory=time.monotonic)
+    # "queued" → "started" (claimed by the worker) or "abandoned" (caller gave up); the lock
+    # makes the two transitions exclusive, so abandoned work never reaches the model.
+    state: str = "queued"
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline
+
+    def abandon(self) -> None:
+        with self.lock:
+            if self.state == "queued":
+                self.state = "abandoned"
+
+    def claim(self) -> bool:
+        """Called on the worker thread right before model work: False if it must be dropped."""
+        with self.lock:
+            if self.state == "queued" and not self.expired(time.monotonic()):
+                self.state = "started"
+            elif self.state == "queued":
+                self.state = "abandoned"
+            return self.state == "started"
 
 
 class Engine:
@@ -70,13 +94,20 @@ class Engine:
         self._batcher: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dpo-engine")
         self._busy = 0
+        self.checkpointer: Checkpointer | None = None
+        self._halted = False
 
     # ----------------------------------------------------------------- lifecycle
     def load(self) -> None:
         """Build the model, optimizer and reference (slow: call off the event loop)."""
         bundle = self._bundle_factory()
+        state = TrainState.create(bundle, self.settings)  # the frozen reference: initial weights
+        if self.settings.checkpoint_dir is not None:  # resume the latest valid checkpoint
+            self.checkpointer = Checkpointer.open(
+                self.settings.checkpoint_dir, self.settings.checkpoint_keep, state, self.events
+            )
         self.bundle = bundle
-        self.state = TrainState.create(bundle, self.settings)
+        self.state = state
         self.events.on_loaded(self)
 
     async def start(self) -> None:
@@ -100,6 +131,14 @@ class Engine:
             await asyncio.sleep(0.02)
         return self.pending() == 0
 
+    def halt(self) -> None:
+        """After a drain: start no more work (queued requests get UNAVAILABLE); the running
+        batch finishes, so a checkpoint submitted now holds the final state."""
+        self.draining = True
+        self.ready = False
+        self._halted = True
+        self._fail_pending(ServiceError(ErrorCode.UNAVAILABLE, "the service is shutting down"))
+
     async def stop(self) -> None:
         """Stop the batcher and the worker (after :meth:`drain`)."""
         self.ready = False
@@ -110,6 +149,8 @@ class Engine:
                 await self._batcher
         self._fail_pending(ServiceError(ErrorCode.UNAVAILABLE, "the service is shutting down"))
         self._executor.shutdown(wait=True)
+        if self.checkpointer is not None:
+            self.checkpointer.close()
 
     def pending(self) -> int:
         """Requests queued or running."""
@@ -153,6 +194,44 @@ class Engine:
             raise ServiceError(ErrorCode.UNAVAILABLE, "the model is not loaded yet")
         return self.bundle
 
+    # ----------------------------------------------------------------- checkpoints
+    def _require_checkpointer(self) -> Checkpointer:
+        self.require_bundle()
+        if self.checkpointer is None:
+            raise ServiceError(
+                ErrorCode.NOT_FOUND,
+                "checkpoints are off on this server (DPO_CHECKPOINT_DIR is not set)",
+            )
+        return self.checkpointer
+
+    async def checkpoint(self) -> CheckpointInfo:
+        """Write a checkpoint now, on the worker thread (after any running step)."""
+        self._require_checkpointer()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._checkpoint_now
+            )
+        except RuntimeError as exc:  # executor shut down
+            raise ServiceError(ErrorCode.UNAVAILABLE, f"the engine is stopped: {exc}") from None
+        except (OSError, ValueError, TypeError) as exc:
+            log.exception("checkpoint failed")
+            raise ServiceError(
+                ErrorCode.INTERNAL, f"checkpoint failed: {type(exc).__name__}: {exc}"
+            ) from None
+
+    async def checkpoints(self) -> dict[str, Any]:
+        """The checkpoints on disk (verified) and the live weights' digest."""
+        ckpt, state = self._require_checkpointer(), self.state
+        assert state is not None
+        listing = await asyncio.to_thread(ckpt.store.describe)
+        live = await asyncio.get_running_loop().run_in_executor(self._executor, ckpt.live, state)
+        return {**listing, "live": live}
+
+    def _checkpoint_now(self) -> CheckpointInfo:
+        """Worker thread: checkpoint the current state (no-op if this version is saved)."""
+        assert self.state is not None and self.checkpointer is not None
+        return self.checkpointer.save(self.state)
+
     # ----------------------------------------------------------------- submission
     def check_accepting(self) -> None:
         """Raise UNAVAILABLE while loading or draining."""
@@ -184,12 +263,14 @@ class Engine:
         try:
             return await asyncio.wait_for(asyncio.shield(job.future), timeout=timeout)
         except asyncio.TimeoutError:
+            job.abandon()
             job.future.cancel()
             raise ServiceError(
                 ErrorCode.DEADLINE_EXCEEDED, f"the request did not finish within {timeout:.3g} s"
             ) from None
         except asyncio.CancelledError:
-            job.future.cancel()  # client went away: drop it if it has not started
+            job.abandon()  # client went away: drop it if it has not started
+            job.future.cancel()
             raise
 
     # ----------------------------------------------------------------- batcher
@@ -212,6 +293,14 @@ class Engine:
 
     def _live(self, job: _Job) -> bool:
         """Drop jobs whose caller left or whose deadline passed, before the model sees them."""
+        self.events.on_queue_depth(self._queue.qsize() if self._queue is not None else 0)
+        if self._halted:
+            if not job.future.done():
+                job.future.set_exception(
+                    ServiceError(ErrorCode.UNAVAILABLE, "the service is shutting down")
+                )
+            self.events.on_dropped("shutdown")
+            return False
         if job.future.done():
             self.events.on_dropped("cancelled")
             return False
@@ -291,6 +380,21 @@ class Engine:
     def _run(self, batch: list[_Job]) -> list[LossResponse | BaseException]:
         """Runs on the worker thread: the only place model work happens."""
         assert self.state is not None
+        live = [j for j in batch if j.claim()]
+        results: dict[int, LossResponse | BaseException] = {}
+        for j in batch:
+            if j.state == "abandoned":
+                self.events.on_dropped("deadline")
+                results[id(j)] = ServiceError(
+                    ErrorCode.DEADLINE_EXCEEDED, "the deadline passed before the model was free"
+                )
+        if live:
+            for j, r in zip(live, self._run_live(live), strict=True):
+                results[id(j)] = r
+        return [results[id(j)] for j in batch]
+
+    def _run_live(self, batch: list[_Job]) -> list[LossResponse | BaseException]:
+        assert self.state is not None
         self.events.on_batch(len(batch), sum(j.request.num_pairs for j in batch))
         if len(batch) == 1 and batch[0].request.train:
             return [self._run_train(batch[0].request)]
@@ -307,6 +411,7 @@ class Engine:
 
     def _run_train(self, request: PreparedRequest) -> LossResponse | BaseException:
         assert self.state is not None
+        before = self.state.version
         try:
             response = run_train_step(self.state, request, self.settings)
         except ServiceError as exc:
@@ -314,10 +419,22 @@ class Engine:
                 self.events.on_step_rejected()
             return exc
         except Exception as exc:
-            log.exception("train step failed")
+            log.exception("train step failed (request_id=%s)", request.request_id)
             return ServiceError(ErrorCode.INTERNAL, f"train step failed: {type(exc).__name__}")
-        if response.trained:
-            self.events.on_step(self, response)
+        if self.state.version == before:
+            return response  # a retried request_id: nothing was applied
+        self.events.on_step(self, response)
+        every = self.settings.checkpoint_every
+        if self.checkpointer is not None and every > 0 and self.state.version % every == 0:
+            try:
+                self._checkpoint_now()
+            except Exception as exc:
+                log.exception("checkpoint at version %d failed", self.state.version)
+                return ServiceError(
+                    ErrorCode.INTERNAL,
+                    f"the step was applied (model version {self.state.version}) but its "
+                    f"checkpoint failed ({type(exc).__name__}); it is not durable yet",
+                )
         return response
 
     def _run_loss(self, batch: list[_Job]) -> list[LossResponse | BaseException]:

@@ -6,6 +6,8 @@ has its own registry so several servers in one process (tests) do not collide.
 
 from __future__ import annotations
 
+from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -13,6 +15,24 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 if TYPE_CHECKING:
     from dpo_service.engine import Engine
     from dpo_service.schemas import LossResponse
+
+
+@dataclass
+class RequestContext:
+    """The id of the request being served; adapters set it, log lines carry it. Mutable so an
+    endpoint can adopt the id the response echoes (body ``request_id`` or server-assigned)."""
+
+    request_id: str
+
+
+# Set per request by the HTTP middleware (and any adapter that wants its logs tagged).
+request_context: ContextVar[RequestContext | None] = ContextVar("dpo_request", default=None)
+
+
+def current_request_id() -> str | None:
+    ctx = request_context.get()
+    return None if ctx is None else ctx.request_id
+
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -76,6 +96,18 @@ class EngineEvents:
             "dpo_model_version", "Optimizer steps applied so far.", registry=r
         )
         self.checkpoints = Counter("dpo_checkpoints", "Checkpoints written.", registry=r)
+        self.checkpoint_failures = Counter(
+            "dpo_checkpoint_failures", "Checkpoint writes that failed.", registry=r
+        )
+        self.checkpoint_seconds = Histogram(
+            "dpo_checkpoint_seconds",
+            "Time to write one checkpoint (seconds).",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.checkpoint_version = Gauge(
+            "dpo_last_checkpoint_version", "Model version of the newest checkpoint.", registry=r
+        )
 
     # engine hooks ------------------------------------------------------------------------
     def on_loaded(self, engine: Engine) -> None:
@@ -105,8 +137,13 @@ class EngineEvents:
     def on_rejected_overload(self) -> None:
         self.overload.inc()
 
-    def on_checkpoint(self) -> None:
+    def on_checkpoint(self, version: int, seconds: float) -> None:
         self.checkpoints.inc()
+        self.checkpoint_seconds.observe(seconds)
+        self.checkpoint_version.set(version)
+
+    def on_checkpoint_failed(self) -> None:
+        self.checkpoint_failures.inc()
 
     # adapter hooks -----------------------------------------------------------------------
     def on_request(
@@ -125,4 +162,5 @@ class EngineEvents:
         return {
             "steps": self.steps._value.get(),
             "rejected_steps": self.rejected_steps._value.get(),
+            "checkpoints": self.checkpoints._value.get(),
         }

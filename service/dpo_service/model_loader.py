@@ -59,6 +59,9 @@ class ModelBundle:
     kind: str
     vocab_size: int
     max_seq_len: int
+    # False when the model cannot take an explicit attention mask: the engine then lays pairs
+    # out as TWO_ROWS instead of SHARED_PREFIX.
+    supports_custom_mask: bool = True
 
     @property
     def causal_lm(self) -> CausalLM:

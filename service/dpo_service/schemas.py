@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictInt, Str
 from modern_llm.alignment.dpo_loss import LossType
 
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+REQUEST_ID_PATTERN = r"^[!-~]{1,128}$"
 
 
 class _Strict(BaseModel):
@@ -88,8 +89,10 @@ class LossRequest(_Strict):
         "reference-free; frozen: the service's frozen copy of the initial weights.",
     )
     train: bool = Field(False, description="Apply one optimizer step with this batch's loss.")
-    request_id: Annotated[str, Field(min_length=1, max_length=128)] | None = Field(
-        None, description="Idempotency key for train requests; echoed back."
+    request_id: Annotated[str, Field(pattern=REQUEST_ID_PATTERN)] | None = Field(
+        None,
+        description="Idempotency key for train requests (1-128 printable ASCII characters, no "
+        "spaces); echoed back.",
     )
     expected_version: Annotated[int, Field(ge=0)] | None = Field(
         None, description="Train only if the model version equals this (else 409)."

@@ -100,7 +100,11 @@ async def start(settings: Settings, core: Core | None = None) -> RunningServer:
             await asyncio.sleep(0.01)
         sockets = [s for srv in server.servers for s in srv.sockets]
         running.http_port = sockets[0].getsockname()[1] if sockets else settings.port
-    await core.start()
+    try:
+        await core.start()
+    except BaseException:
+        await _close_listeners(running)
+        raise
     if running.grpc is not None:
         await running.grpc.set_serving(True)
     log.info(
@@ -113,13 +117,27 @@ async def start(settings: Settings, core: Core | None = None) -> RunningServer:
     return running
 
 
+async def _close_listeners(running: RunningServer) -> None:
+    """Close whatever listeners started (used when the model fails to load)."""
+    if running.grpc is not None:
+        with contextlib.suppress(Exception):
+            await running.grpc.stop(grace=0)
+    if running.http is not None and running.http_task is not None:
+        running.http.should_exit = True
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(running.http_task, timeout=5)
+    with contextlib.suppress(Exception):
+        await running.core.engine.stop()
+
+
 async def serve(settings: Settings) -> None:
-    """Run until SIGTERM/SIGINT, then drain and exit."""
-    running = await start(settings)
+    """Run until SIGTERM/SIGINT, then drain and exit (a signal during loading is honoured
+    once the model has loaded: the server then shuts down at once)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    running = await start(settings)
     waiters = [asyncio.create_task(stop.wait())]
     if running.http_task is not None:
         waiters.append(running.http_task)  # type: ignore[arg-type]

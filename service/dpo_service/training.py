@@ -73,7 +73,10 @@ class TrainState:
             self.completed.popitem(last=False)
 
 
-def strategy_for(settings: Settings) -> LogpStrategy:
+def strategy_for(settings: Settings, bundle: ModelBundle | None = None) -> LogpStrategy:
+    """The configured layout; TWO_ROWS when ``bundle`` cannot take an explicit mask."""
+    if bundle is not None and not bundle.supports_custom_mask:
+        return LogpStrategy.TWO_ROWS
     return {
         LogpStrategyName.AUTO: LogpStrategy.SHARED_PREFIX,
         LogpStrategyName.SHARED_PREFIX: LogpStrategy.SHARED_PREFIX,
@@ -126,7 +129,7 @@ def forward_logps(
         logps = pair_logps(
             model,
             [pairs[i] for i in group],
-            strategy=strategy_for(settings),
+            strategy=strategy_for(settings, state.bundle),
             chunk_size=settings.logp_chunk_size,
             pad_id=state.bundle.tokenizer.pad_id,
         )
@@ -172,6 +175,12 @@ def _floats(t: torch.Tensor | None) -> list[float] | None:
     return None if t is None else [float(x) for x in t.detach().float().cpu().tolist()]
 
 
+def all_finite(out: LossOutput) -> bool:
+    """Whether the loss and every per-pair statistic are finite numbers."""
+    tensors = (out.loss, out.losses, out.rewards_chosen, out.rewards_rejected, out.margins)
+    return all(bool(torch.isfinite(t.detach()).all()) for t in tensors)
+
+
 def response_from(
     request: PreparedRequest,
     inputs: PreferenceLogps,
@@ -180,10 +189,14 @@ def response_from(
     request_id: str,
 ) -> LossResponse:
     """Assemble the wire response from the loss output."""
+    if not all_finite(out):
+        raise ServiceError(
+            ErrorCode.INVALID_ARGUMENT,
+            "the loss or rewards are not finite for this input (beta or reference log-probs "
+            "too large?)",
+        )
     metrics = dpo_metrics(out, inputs)
     loss = float(out.loss.detach())
-    if not math.isfinite(loss):
-        raise ServiceError(ErrorCode.INVALID_ARGUMENT, "non-finite loss for this input")
     return LossResponse(
         loss=loss,
         losses=_floats(out.losses) or [],
@@ -273,7 +286,7 @@ def run_train_step(state: TrainState, request: PreparedRequest, settings: Settin
             logps = pair_logps(
                 state.bundle.causal_lm,
                 sub,
-                strategy=strategy_for(settings),
+                strategy=strategy_for(settings, state.bundle),
                 chunk_size=settings.logp_chunk_size,
                 pad_id=state.bundle.tokenizer.pad_id,
             )
@@ -284,10 +297,12 @@ def run_train_step(state: TrainState, request: PreparedRequest, settings: Settin
         params = [p for p in model.parameters() if p.requires_grad]
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm))
         loss_value = sum(float(o.losses.detach().sum()) for _, _, o in parts) / n
-        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+        finite_out = all(all_finite(o) for _, _, o in parts)
+        if not (math.isfinite(loss_value) and math.isfinite(grad_norm) and finite_out):
             raise ServiceError(
                 ErrorCode.INVALID_ARGUMENT,
-                f"non-finite loss ({loss_value}) or gradient norm ({grad_norm}); step not applied",
+                f"non-finite loss ({loss_value}), rewards or gradient norm ({grad_norm}); "
+                "step not applied",
             )
         state.optimizer.step()
     finally:

@@ -293,13 +293,27 @@ def test_request_id_is_echoed(server: ServerThread) -> None:
     assert r.headers["x-request-id"] == "abc-123"
 
 
-def test_metrics_endpoint(server: ServerThread) -> None:
+def test_metrics_endpoint(server: ServerThread, auth: dict[str, str]) -> None:
+    """Every metric the service promises is exposed, and the gauges settle after the calls."""
     with _client(server) as c:
         c.post("/dpo/loss", json={"pairs": TEXT_PAIRS[:1]})
+        c.post("/dpo/loss", json={"pairs": TEXT_PAIRS[:1], "train": True}, headers=auth)
         text = c.get("/metrics").text
     assert 'dpo_requests_total{code="ok",endpoint="compute_loss",protocol="http"}' in text
-    assert "dpo_request_latency_seconds_bucket" in text
-    assert "dpo_model_version" in text
+    for name in (
+        "dpo_request_latency_seconds_bucket",
+        "dpo_queue_time_seconds_bucket",
+        "dpo_batch_requests_bucket",
+        "dpo_batch_pairs_bucket",
+        "dpo_tokens_total",
+        "dpo_optimizer_steps_total",
+        "dpo_rejected_steps_total",
+        "dpo_last_train_loss",
+    ):
+        assert name in text, name
+    assert "dpo_in_flight 0.0" in text
+    assert "dpo_queue_depth 0.0" in text
+    assert f"dpo_model_version {float(server.version)}" in text
 
 
 def test_body_too_large_gets_413() -> None:
@@ -309,3 +323,21 @@ def test_body_too_large_gets_413() -> None:
         )
         assert r.status_code == 413
         assert r.json()["code"] == "too_large"
+
+
+def test_overflowing_beta_is_refused_and_applies_nothing(
+    server: ServerThread, auth: dict[str, str]
+) -> None:
+    """β = 3e38 is finite, but β·logp overflows float32 (|logp| ≈ 10..100): the rewards would be
+    ±inf. Loss-only and train requests both get 422, and no step is applied."""
+    before = server.version
+    with _client(server) as c:
+        for train in (False, True):
+            r = c.post(
+                "/dpo/loss",
+                json={"pairs": TEXT_PAIRS, "beta": 3e38, "train": train},
+                headers=auth,
+            )
+            assert r.status_code == 422, r.text
+            assert "finite" in r.json()["detail"]
+    assert server.version == before

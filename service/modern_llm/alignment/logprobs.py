@@ -29,7 +29,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
+
+from modern_llm.alignment.linear_logps import linear_token_logps
 
 __all__ = [
     "CausalLM",
@@ -73,12 +74,15 @@ class LogpStrategy(str, Enum):
     - ``SHARED_PREFIX``: B rows ``[prompt][chosen][rejected]``; rejected tokens reuse the
       prompt's positions offset (``P..P+R-1``) and a boolean mask hides chosen from rejected,
       so the prompt is encoded once. Exact for training too (gradients match ``TWO_ROWS``).
-    - ``AUTO``: currently ``SHARED_PREFIX``.
+    - ``PREFIX_CACHE``: prompts run once as B rows with a KV cache, then the 2B responses run as
+      rows attending to their pair's cached prompt. Exact as well (and differentiable).
+    - ``AUTO``: ``PREFIX_CACHE`` without autograd (loss-only), ``SHARED_PREFIX`` with it.
     """
 
     AUTO = "auto"
     TWO_ROWS = "two_rows"
     SHARED_PREFIX = "shared_prefix"
+    PREFIX_CACHE = "prefix_cache"
 
 
 @dataclass
@@ -203,42 +207,69 @@ def shared_prefix_mask(segments: Tensor) -> Tensor:
     return causal[None] & ((seg_k == 0) | (seg_k == seg_q))  # (B, L, L)
 
 
-# ------------------------------------------------------------------------- chunked LM head
+# ------------------------------------------------------------------------ prefix KV cache
 
 
-def _chunk_logps(hidden: Tensor, targets: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``log softmax(hidden @ W.T + b)[target]`` for one chunk: (n, D), (n,) → (n,) float32."""
-    logits = F.linear(hidden, weight, bias).float()  # (n, V) — the only V-wide tensor
-    target_logit = logits.gather(1, targets[:, None]).squeeze(1)  # (n,)
-    return target_logit - torch.logsumexp(logits, dim=-1)
+def _prefix_cache_hidden(
+    model: CausalLM, pairs: Sequence[PairTokens], pad_id: int, dev: torch.device
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``PREFIX_CACHE``: prompts once (B rows, causal, KV cache kept), then the 2B responses as
+    rows that attend to their pair's cached prompt and causally to themselves.
 
-
-def _response_token_logps(
-    hidden: Tensor, targets: Tensor, weight: Tensor, chunk_size: int, bias: Tensor | None = None
-) -> Tensor:
-    """Token log-probs (N,) float32 for hidden states (N, D) and targets (N,), chunk by chunk.
-
-    With autograd on, each chunk runs under activation checkpointing, so backward keeps only
-    the chunk inputs and recomputes the (chunk, V) logits one chunk at a time.
+    A response's last token predicts nothing, so pass 2 runs tokens ``0..n-2`` only; token 0 is
+    predicted by the prompt's last hidden state. Returns the predicting hidden states (N, D),
+    their targets (N,) and output slots (N,): all first tokens first, then the rest.
     """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    grad = torch.is_grad_enabled() and (
-        hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    b = len(pairs)
+    plens = [len(p.prompt) for p in pairs]
+    pmax = max(plens)
+    prompt_ids = torch.tensor([p.prompt + [pad_id] * (pmax - len(p.prompt)) for p in pairs])
+    h_prompt, cache = model.hidden_states(prompt_ids.to(dev), use_cache=True)  # (B, Pmax, D)
+    d = h_prompt.shape[-1]
+    responses = [p.chosen for p in pairs] + [p.rejected for p in pairs]  # slot s: row s
+    last = torch.tensor([(s % b) * pmax + plens[s % b] - 1 for s in range(2 * b)], device=dev)
+    hidden = [h_prompt.reshape(-1, d).index_select(0, last)]  # (2B, D): first tokens
+    targets = [r[0] for r in responses]
+    slots = list(range(2 * b))
+    width = max(len(r) for r in responses) - 1
+    if width > 0:
+        ids = [r[:-1] + [pad_id] * (width - len(r) + 1) for r in responses]
+        plen = torch.tensor(plens * 2)[:, None]  # (2B, 1)
+        q = torch.arange(width)
+        positions = plen + q[None, :]  # (2B, W)
+        prompt_keys = torch.arange(pmax)[None, None, :] < plen[:, :, None]  # (2B, 1, Pmax)
+        own_keys = (q[None, :] <= q[:, None])[None]  # (1, W, W) causal
+        mask = torch.cat(
+            (prompt_keys.expand(2 * b, width, pmax), own_keys.expand(2 * b, width, width)), -1
+        )  # (2B, W, Pmax + W)
+        h_resp = model.hidden_states(
+            torch.tensor(ids).to(dev),
+            position_ids=positions.to(dev),
+            attn_mask=mask.to(dev),
+            past_key_values=cache,  # batch B, tiled over the 2B rows by the model
+        )  # (2B, W, D)
+        flat = [s * width + j for s, r in enumerate(responses) for j in range(len(r) - 1)]
+        hidden.append(h_resp.reshape(-1, d).index_select(0, torch.tensor(flat, device=dev)))
+        targets += [t for r in responses for t in r[1:]]
+        slots += [s for s, r in enumerate(responses) for _ in r[1:]]
+    return (
+        torch.cat(hidden) if len(hidden) > 1 else hidden[0],
+        torch.tensor(targets, device=dev),
+        torch.tensor(slots, device=dev),
     )
-    out = []
-    for start in range(0, hidden.shape[0], chunk_size):
-        h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
-        if grad:
-            out.append(checkpoint(_chunk_logps, h, t, weight, bias, use_reentrant=False))
-        else:
-            out.append(_chunk_logps(h, t, weight, bias))
-    if not out:
-        return hidden.new_zeros(0, dtype=torch.float32)
-    return out[0] if len(out) == 1 else torch.cat(out)  # (N,)
 
 
 # ------------------------------------------------------------------------------ entry point
+
+
+def resolve_strategy(
+    strategy: LogpStrategy | str, pairs: Sequence[PairTokens], grad: bool
+) -> LogpStrategy:
+    """The concrete layout ``AUTO`` stands for (see :class:`LogpStrategy`)."""
+    strategy = LogpStrategy(strategy)
+    if strategy is not LogpStrategy.AUTO:
+        return strategy
+    return LogpStrategy.SHARED_PREFIX if grad else LogpStrategy.PREFIX_CACHE
 
 
 def pair_logps(
@@ -246,14 +277,15 @@ def pair_logps(
     pairs: Sequence[PairTokens],
     *,
     strategy: LogpStrategy | str = LogpStrategy.AUTO,
-    chunk_size: int = 4096,
+    chunk_size: int = 1024,
     pad_id: int = 0,
     device: torch.device | str | None = None,
 ) -> SequenceLogps:
     """Summed response log-probs of every pair's chosen and rejected response.
 
-    One forward pass for the whole batch (see :class:`LogpStrategy` for the layouts);
-    differentiable w.r.t. the model parameters unless run under ``no_grad``/``inference_mode``.
+    One forward pass for the whole batch (two for ``PREFIX_CACHE``: prompts, then responses;
+    see :class:`LogpStrategy`); differentiable w.r.t. the model parameters unless run under
+    ``no_grad``/``inference_mode``.
 
     Args:
         model: a :class:`CausalLM`.
@@ -263,33 +295,33 @@ def pair_logps(
         pad_id: id used for right padding (never predicted, never attended by real tokens).
         device: where to run; default the device of ``model.lm_head_weight``.
     """
-    strategy = LogpStrategy(strategy)
-    if strategy is LogpStrategy.AUTO:
-        strategy = LogpStrategy.SHARED_PREFIX
     weight = model.lm_head_weight  # (V, D)
     bias: Tensor | None = getattr(model, "lm_head_bias", None)
+    strategy = resolve_strategy(strategy, pairs, torch.is_grad_enabled() and weight.requires_grad)
     _validate(pairs, weight.shape[0])
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     dev = torch.device(device) if device is not None else weight.device
 
-    if strategy is LogpStrategy.TWO_ROWS:
-        layout = build_two_rows_layout(pairs, pad_id)
+    if strategy is LogpStrategy.PREFIX_CACHE:
+        selected, targets, sequence = _prefix_cache_hidden(model, pairs, pad_id, dev)
     else:
-        layout = build_shared_prefix_layout(pairs, pad_id)
-    input_ids = layout.input_ids.to(dev, non_blocking=True)
-    position_ids = None if layout.position_ids is None else layout.position_ids.to(dev)
-    attn_mask = None if layout.segments is None else shared_prefix_mask(layout.segments.to(dev))
-
-    hidden = model.hidden_states(input_ids, position_ids=position_ids, attn_mask=attn_mask)
-    hidden = hidden.reshape(-1, hidden.shape[-1])  # (R·L, D)
-    selected = hidden.index_select(0, layout.gather_index.to(dev))  # (N, D)
-    token_logps = _response_token_logps(
-        selected, layout.targets.to(dev), weight, chunk_size, bias
-    )  # (N,)
+        if strategy is LogpStrategy.TWO_ROWS:
+            layout = build_two_rows_layout(pairs, pad_id)
+        else:
+            layout = build_shared_prefix_layout(pairs, pad_id)
+        input_ids = layout.input_ids.to(dev, non_blocking=True)
+        position_ids = None if layout.position_ids is None else layout.position_ids.to(dev)
+        segments = layout.segments
+        attn_mask = None if segments is None else shared_prefix_mask(segments.to(dev))
+        hidden = model.hidden_states(input_ids, position_ids=position_ids, attn_mask=attn_mask)
+        hidden = hidden.reshape(-1, hidden.shape[-1])  # (R·L, D)
+        selected = hidden.index_select(0, layout.gather_index.to(dev))  # (N, D)
+        targets, sequence = layout.targets.to(dev), layout.sequence.to(dev)
+    token_logps = linear_token_logps(selected, targets, weight, chunk_size, bias)  # (N,)
     b = len(pairs)
     sums = torch.zeros(2 * b, dtype=torch.float32, device=dev).index_add(
-        0, layout.sequence.to(dev), token_logps
+        0, sequence, token_logps
     )  # (2B,)
     chosen_tokens = torch.tensor([len(p.chosen) for p in pairs], dtype=torch.long, device=dev)
     rejected_tokens = torch.tensor([len(p.rejected) for p in pairs], dtype=torch.long, device=dev)

@@ -17,7 +17,6 @@ import json
 import math
 import os
 import tempfile
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, TypedDict, overload
 
@@ -26,6 +25,8 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+
+from modern_llm.models.config import ModernDecoderConfig
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -41,72 +42,6 @@ class CausalLMOutput(TypedDict):
     loss: Tensor | None  # scalar, or None without labels
 
 
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
-
-
-@dataclass
-class ModernDecoderConfig:
-    """Hyper-parameters of :class:`ModernDecoderLM` (JSON-serialisable)."""
-
-    vocab_size: int = 259
-    d_model: int = 256
-    n_layers: int = 4
-    n_heads: int = 8
-    n_kv_heads: int = 2
-    ffn_hidden: int | None = None  # None: SwiGLU 8/3·d_model rounded up to a multiple of 64
-    max_seq_len: int = 1024
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = True
-    init_std: float = 0.02
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        ints = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "max_seq_len")
-        for name in ints + (("ffn_hidden",) if self.ffn_hidden is not None else ()):
-            value = getattr(self, name)
-            ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
-            _require(ok, f"{name} must be a positive integer, got {value!r}")
-        for name in ("rope_theta", "norm_eps", "init_std"):
-            value = getattr(self, name)
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
-            _require(ok, f"{name} must be a positive number, got {value!r}")
-        _require(isinstance(self.tie_embeddings, bool), "tie_embeddings must be a bool")
-        _require(isinstance(self.seed, int) and not isinstance(self.seed, bool), "seed: int")
-        _require(self.d_model % self.n_heads == 0, "d_model must be divisible by n_heads")
-        _require(self.n_heads % self.n_kv_heads == 0, "n_heads must be divisible by n_kv_heads")
-        _require(self.head_dim % 2 == 0, f"head_dim ({self.head_dim}) must be even for RoPE")
-
-    @property
-    def head_dim(self) -> int:
-        """Width of one attention head."""
-        return self.d_model // self.n_heads
-
-    @property
-    def ffn_dim(self) -> int:
-        """Resolved SwiGLU hidden width."""
-        if self.ffn_hidden is not None:
-            return self.ffn_hidden
-        return -(-8 * self.d_model // (3 * 64)) * 64
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict of the fields (what ``config.json`` holds)."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModernDecoderConfig:
-        """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError``."""
-        if not isinstance(data, dict):
-            raise ValueError(f"config must be a JSON object, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown config keys: {unknown}")
-        return cls(**data)
-
-
 class RMSNorm(nn.Module):
     """Root-mean-square norm, computed in at least float32."""
 
@@ -116,20 +51,51 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dtype in (torch.float32, torch.float64) and x.dtype == self.weight.dtype:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # fused kernel
         xf = x.to(torch.promote_types(x.dtype, torch.float32))
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return xf.to(x.dtype) * self.weight
 
 
-def _rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate ``x`` (B, H, T, hd) by the angles whose cos/sin are (B, 1, T, hd)."""
+    """Rotate ``x`` (..., hd) by the angles whose cos/sin broadcast against it.
+
+    ``x * cos + rotate_half(x) * sin`` with ``rotate_half(x) = cat(-x2, x1)``, written as one
+    roll and two fused passes (``sin`` with its first half negated).
+    """
+    half = x.shape[-1] // 2
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return x * cos + _rotate_half(x) * sin
+    signed_sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+    return torch.addcmul(x * cos, x.roll(half, dims=-1), signed_sin)
+
+
+def _additive_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """On CPU, turn a boolean mask into the additive float mask SDPA would build from it in
+    every layer, once per forward (bool stays on CUDA, where the kernels take it directly)."""
+    if mask is None or mask.device.type != "cpu":
+        return mask
+    if torch.is_autocast_enabled("cpu"):
+        dtype = torch.get_autocast_dtype("cpu")
+    return torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, float("-inf"))
+
+
+def _extend(past: Tensor, new: Tensor) -> Tensor:
+    """``cat((past, new), dim=2)``; a past with fewer rows than ``new`` (a divisor) is tiled:
+    row ``i`` of ``new`` continues row ``i % len(past)`` (one copy, no repeated cache)."""
+    if past.shape[0] == new.shape[0]:
+        return torch.cat((past, new), dim=2)
+    b, pb, s = new.shape[0], past.shape[0], past.shape[2]
+    out = new.new_empty(b, new.shape[1], s + new.shape[2], new.shape[3])
+    out[:, :, :s].view(b // pb, pb, *past.shape[1:]).copy_(past[None])
+    out[:, :, s:] = new
+    return out
+
+
+def _use_gqa_kernel(device: torch.device, has_mask: bool) -> bool:
+    """SDPA's native GQA (no repeated K/V): the CPU flash kernel supports it with or without a
+    mask; on CUDA only the flash path (no mask) does, so repeat K/V there when masked."""
+    return device.type == "cpu" or not has_mask
 
 
 class Attention(nn.Module):
@@ -146,27 +112,31 @@ class Attention(nn.Module):
     def forward(
         self,
         x: Tensor,  # (B, T, D)
-        cos: Tensor,  # (B, 1, T, hd)
+        cos: Tensor,  # (B, T, 1, hd)
         sin: Tensor,
-        mask: Tensor | None,  # (B|1, 1, T, S) bool "may attend", or None
+        mask: Tensor | None,  # (B|1, 1, T, S) bool "may attend" or additive float, or None
         is_causal: bool,
         past: tuple[Tensor, Tensor] | None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B,H,T,hd)
-        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        hd = self.head_dim
+        # RoPE in the (B, T, heads, hd) layout the projections produce (contiguous), then a
+        # free transpose to (B, heads, T, hd): SDPA's CPU kernel takes strided inputs.
+        q = apply_rope(self.q_proj(x).view(b, t, self.n_heads, hd), cos, sin).transpose(1, 2)
+        k = apply_rope(self.k_proj(x).view(b, t, self.n_kv_heads, hd), cos, sin).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv_heads, hd).transpose(1, 2)
         if past is not None:
-            k = torch.cat((past[0], k), dim=2)  # (B, Hkv, S, hd)
-            v = torch.cat((past[1], v), dim=2)
+            k, v = _extend(past[0], k), _extend(past[1], v)  # (B, Hkv, S, hd)
         new_kv = (k, v)
         groups = self.n_heads // self.n_kv_heads
-        if groups > 1:  # portable GQA: expand kv heads to match the query heads
+        gqa = groups > 1 and _use_gqa_kernel(x.device, mask is not None)
+        if groups > 1 and not gqa:  # portable GQA: expand kv heads to match the query heads
             k = k.repeat_interleave(groups, dim=1)  # (B, H, S, hd)
             v = v.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
-        out = out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)  # (B, T, H·hd)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa
+        )  # (B, H, T, hd)
+        out = out.transpose(1, 2).reshape(b, t, self.n_heads * hd)  # (B, T, H·hd)
         return self.o_proj(out), new_kv
 
 
@@ -180,7 +150,10 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+            return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(gate, inplace=True).mul_(up))  # no graph: reuse buffers
 
 
 class DecoderBlock(nn.Module):
@@ -255,13 +228,13 @@ class ModernDecoderLM(nn.Module):
     # ------------------------------------------------------------------ forward
 
     def _rope(self, pos: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """cos/sin (B, 1, T, hd) for integer positions (B, T)."""
+        """cos/sin (B, T, 1, hd) for integer positions (B, T)."""
         hd = self.config.head_dim
         compute = torch.float64 if dtype == torch.float64 else torch.float32
         exponent = torch.arange(0, hd, 2, device=pos.device, dtype=compute) / hd
         inv_freq = 1.0 / (self.config.rope_theta**exponent)  # (hd/2,)
         angles = pos.to(compute)[..., None] * inv_freq  # (B, T, hd/2)
-        emb = torch.cat((angles, angles), dim=-1)[:, None]  # (B, 1, T, hd)
+        emb = torch.cat((angles, angles), dim=-1)[:, :, None]  # (B, T, 1, hd)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
     @staticmethod
@@ -359,7 +332,9 @@ class ModernDecoderLM(nn.Module):
             position_ids: (B, T) RoPE positions; default ``past_len + arange(T)``.
             attn_mask: explicit boolean "may attend" mask (B, 1, T, S) or (B, T, S); replaces
                 the causal construction (used for prefix sharing).
-            past_key_values: cache returned by an earlier call with ``use_cache=True``.
+            past_key_values: cache returned by an earlier call with ``use_cache=True``. A cache
+                of batch B' dividing B is tiled: input row i continues cache row i mod B'
+                (e.g. one cached prompt shared by its chosen and its rejected row).
             use_cache: also return the updated cache.
         """
         if input_ids.dim() != 2:
@@ -368,6 +343,8 @@ class ModernDecoderLM(nn.Module):
         if past_key_values is not None and len(past_key_values) != self.config.n_layers:
             raise ValueError(f"past_key_values needs {self.config.n_layers} layers")
         past_len = past_key_values[0][0].shape[2] if past_key_values else 0
+        if past_key_values and b % past_key_values[0][0].shape[0] != 0:
+            raise ValueError(f"past_key_values batch must divide the input batch {b}")
         device = input_ids.device
         if position_ids is None:
             if past_len + t > self.config.max_seq_len:
@@ -380,6 +357,7 @@ class ModernDecoderLM(nn.Module):
         x = self.embed_tokens(input_ids)  # (B, T, D)
         cos, sin = self._rope(position_ids, x.dtype)
         mask, is_causal = self._build_mask(b, t, past_len, attention_mask, attn_mask, device)
+        mask = _additive_mask(mask, x.dtype)
         new_cache: KVCache = []
         for i, layer in enumerate(self.layers):
             past = past_key_values[i] if past_key_values else None

@@ -11,12 +11,12 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from modern_llm.alignment.linear_logps import linear_token_logps
 from modern_llm.alignment.logprobs import (
     CausalLM,
     LogpStrategy,
     PairTokens,
     SequenceLogps,
-    _response_token_logps,
     build_shared_prefix_layout,
     pair_logps,
     shared_prefix_mask,
@@ -24,7 +24,7 @@ from modern_llm.alignment.logprobs import (
 from modern_llm.models.transformer import ModernDecoderConfig, ModernDecoderLM
 
 BOS, EOS, PAD = 256, 257, 258
-STRATEGIES = [LogpStrategy.TWO_ROWS, LogpStrategy.SHARED_PREFIX]
+STRATEGIES = [LogpStrategy.TWO_ROWS, LogpStrategy.SHARED_PREFIX, LogpStrategy.PREFIX_CACHE]
 
 
 def naive_pair_logps_float64(model: ModernDecoderLM, pairs: Sequence[PairTokens]) -> SequenceLogps:
@@ -218,7 +218,7 @@ def test_response_token_logps_chunking_and_memory() -> None:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = _response_token_logps(hidden, targets, weight, chunk_size=8)
+        out = linear_token_logps(hidden, targets, weight, chunk_size=8)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     # Checkpointing keeps only the chunk inputs for backward, never a (chunk, V) logits tensor.
     assert saved and all(shape[-1] != v for shape in saved)

@@ -182,8 +182,8 @@ def test_gqa_attention_matches_naive_float64() -> None:
     cos, sin = m._rope(pos, torch.float64)
     out, _ = attn(x, cos, sin, None, True, None)
 
-    q = apply_rope(attn.q_proj(x).view(b, t, 4, hd).transpose(1, 2), cos, sin)
-    k = apply_rope(attn.k_proj(x).view(b, t, 2, hd).transpose(1, 2), cos, sin)
+    q = apply_rope(attn.q_proj(x).view(b, t, 4, hd), cos, sin).transpose(1, 2)
+    k = apply_rope(attn.k_proj(x).view(b, t, 2, hd), cos, sin).transpose(1, 2)
     v = attn.v_proj(x).view(b, t, 2, hd).transpose(1, 2)
     causal = torch.ones(t, t, dtype=torch.bool).tril()
     heads = []

@@ -1,0 +1,250 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class LossType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LOSS_TYPE_UNSPECIFIED: _ClassVar[LossType]
+    LOSS_TYPE_SIGMOID: _ClassVar[LossType]
+    LOSS_TYPE_HINGE: _ClassVar[LossType]
+    LOSS_TYPE_IPO: _ClassVar[LossType]
+    LOSS_TYPE_ROBUST: _ClassVar[LossType]
+    LOSS_TYPE_SIMPO: _ClassVar[LossType]
+
+class ReferenceMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REFERENCE_MODE_UNSPECIFIED: _ClassVar[ReferenceMode]
+    REFERENCE_MODE_AUTO: _ClassVar[ReferenceMode]
+    REFERENCE_MODE_NONE: _ClassVar[ReferenceMode]
+    REFERENCE_MODE_FROZEN: _ClassVar[ReferenceMode]
+
+class ErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ERROR_CODE_UNSPECIFIED: _ClassVar[ErrorCode]
+    ERROR_CODE_INVALID_ARGUMENT: _ClassVar[ErrorCode]
+    ERROR_CODE_UNAUTHENTICATED: _ClassVar[ErrorCode]
+    ERROR_CODE_PERMISSION_DENIED: _ClassVar[ErrorCode]
+    ERROR_CODE_TOO_LARGE: _ClassVar[ErrorCode]
+    ERROR_CODE_OVERLOADED: _ClassVar[ErrorCode]
+    ERROR_CODE_UNAVAILABLE: _ClassVar[ErrorCode]
+    ERROR_CODE_DEADLINE_EXCEEDED: _ClassVar[ErrorCode]
+    ERROR_CODE_CONFLICT: _ClassVar[ErrorCode]
+    ERROR_CODE_CANCELLED: _ClassVar[ErrorCode]
+    ERROR_CODE_NOT_FOUND: _ClassVar[ErrorCode]
+    ERROR_CODE_INTERNAL: _ClassVar[ErrorCode]
+LOSS_TYPE_UNSPECIFIED: LossType
+LOSS_TYPE_SIGMOID: LossType
+LOSS_TYPE_HINGE: LossType
+LOSS_TYPE_IPO: LossType
+LOSS_TYPE_ROBUST: LossType
+LOSS_TYPE_SIMPO: LossType
+REFERENCE_MODE_UNSPECIFIED: ReferenceMode
+REFERENCE_MODE_AUTO: ReferenceMode
+REFERENCE_MODE_NONE: ReferenceMode
+REFERENCE_MODE_FROZEN: ReferenceMode
+ERROR_CODE_UNSPECIFIED: ErrorCode
+ERROR_CODE_INVALID_ARGUMENT: ErrorCode
+ERROR_CODE_UNAUTHENTICATED: ErrorCode
+ERROR_CODE_PERMISSION_DENIED: ErrorCode
+ERROR_CODE_TOO_LARGE: ErrorCode
+ERROR_CODE_OVERLOADED: ErrorCode
+ERROR_CODE_UNAVAILABLE: ErrorCode
+ERROR_CODE_DEADLINE_EXCEEDED: ErrorCode
+ERROR_CODE_CONFLICT: ErrorCode
+ERROR_CODE_CANCELLED: ErrorCode
+ERROR_CODE_NOT_FOUND: ErrorCode
+ERROR_CODE_INTERNAL: ErrorCode
+
+class TextTriple(_message.Message):
+    __slots__ = ("prompt", "chosen", "rejected")
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    CHOSEN_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FIELD_NUMBER: _ClassVar[int]
+    prompt: str
+    chosen: str
+    rejected: str
+    def __init__(self, prompt: _Optional[str] = ..., chosen: _Optional[str] = ..., rejected: _Optional[str] = ...) -> None: ...
+
+class TokenTriple(_message.Message):
+    __slots__ = ("prompt_ids", "chosen_ids", "rejected_ids")
+    PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
+    CHOSEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_IDS_FIELD_NUMBER: _ClassVar[int]
+    prompt_ids: _containers.RepeatedScalarFieldContainer[int]
+    chosen_ids: _containers.RepeatedScalarFieldContainer[int]
+    rejected_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, prompt_ids: _Optional[_Iterable[int]] = ..., chosen_ids: _Optional[_Iterable[int]] = ..., rejected_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class PreferencePair(_message.Message):
+    __slots__ = ("text", "tokens", "reference_chosen_logp", "reference_rejected_logp")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_CHOSEN_LOGP_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_REJECTED_LOGP_FIELD_NUMBER: _ClassVar[int]
+    text: TextTriple
+    tokens: TokenTriple
+    reference_chosen_logp: float
+    reference_rejected_logp: float
+    def __init__(self, text: _Optional[_Union[TextTriple, _Mapping]] = ..., tokens: _Optional[_Union[TokenTriple, _Mapping]] = ..., reference_chosen_logp: _Optional[float] = ..., reference_rejected_logp: _Optional[float] = ...) -> None: ...
+
+class ComputeLossRequest(_message.Message):
+    __slots__ = ("pairs", "beta", "loss_type", "label_smoothing", "simpo_gamma", "reference", "train", "request_id", "expected_version")
+    PAIRS_FIELD_NUMBER: _ClassVar[int]
+    BETA_FIELD_NUMBER: _ClassVar[int]
+    LOSS_TYPE_FIELD_NUMBER: _ClassVar[int]
+    LABEL_SMOOTHING_FIELD_NUMBER: _ClassVar[int]
+    SIMPO_GAMMA_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    pairs: _containers.RepeatedCompositeFieldContainer[PreferencePair]
+    beta: float
+    loss_type: LossType
+    label_smoothing: float
+    simpo_gamma: float
+    reference: ReferenceMode
+    train: bool
+    request_id: str
+    expected_version: int
+    def __init__(self, pairs: _Optional[_Iterable[_Union[PreferencePair, _Mapping]]] = ..., beta: _Optional[float] = ..., loss_type: _Optional[_Union[LossType, str]] = ..., label_smoothing: _Optional[float] = ..., simpo_gamma: _Optional[float] = ..., reference: _Optional[_Union[ReferenceMode, str]] = ..., train: _Optional[bool] = ..., request_id: _Optional[str] = ..., expected_version: _Optional[int] = ...) -> None: ...
+
+class ComputeLossResponse(_message.Message):
+    __slots__ = ("loss", "losses", "chosen_logps", "rejected_logps", "reference_chosen_logps", "reference_rejected_logps", "rewards_chosen", "rewards_rejected", "margins", "accuracy", "chosen_tokens", "rejected_tokens", "num_tokens", "metrics", "loss_type", "beta", "model_version", "trained", "grad_norm", "new_model_version", "request_id")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    LOSSES_FIELD_NUMBER: _ClassVar[int]
+    CHOSEN_LOGPS_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_LOGPS_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_CHOSEN_LOGPS_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_REJECTED_LOGPS_FIELD_NUMBER: _ClassVar[int]
+    REWARDS_CHOSEN_FIELD_NUMBER: _ClassVar[int]
+    REWARDS_REJECTED_FIELD_NUMBER: _ClassVar[int]
+    MARGINS_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    CHOSEN_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    LOSS_TYPE_FIELD_NUMBER: _ClassVar[int]
+    BETA_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TRAINED_FIELD_NUMBER: _ClassVar[int]
+    GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
+    NEW_MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    loss: float
+    losses: _containers.RepeatedScalarFieldContainer[float]
+    chosen_logps: _containers.RepeatedScalarFieldContainer[float]
+    rejected_logps: _containers.RepeatedScalarFieldContainer[float]
+    reference_chosen_logps: _containers.RepeatedScalarFieldContainer[float]
+    reference_rejected_logps: _containers.RepeatedScalarFieldContainer[float]
+    rewards_chosen: _containers.RepeatedScalarFieldContainer[float]
+    rewards_rejected: _containers.RepeatedScalarFieldContainer[float]
+    margins: _containers.RepeatedScalarFieldContainer[float]
+    accuracy: float
+    chosen_tokens: _containers.RepeatedScalarFieldContainer[int]
+    rejected_tokens: _containers.RepeatedScalarFieldContainer[int]
+    num_tokens: int
+    metrics: _containers.ScalarMap[str, float]
+    loss_type: LossType
+    beta: float
+    model_version: int
+    trained: bool
+    grad_norm: float
+    new_model_version: int
+    request_id: str
+    def __init__(self, loss: _Optional[float] = ..., losses: _Optional[_Iterable[float]] = ..., chosen_logps: _Optional[_Iterable[float]] = ..., rejected_logps: _Optional[_Iterable[float]] = ..., reference_chosen_logps: _Optional[_Iterable[float]] = ..., reference_rejected_logps: _Optional[_Iterable[float]] = ..., rewards_chosen: _Optional[_Iterable[float]] = ..., rewards_rejected: _Optional[_Iterable[float]] = ..., margins: _Optional[_Iterable[float]] = ..., accuracy: _Optional[float] = ..., chosen_tokens: _Optional[_Iterable[int]] = ..., rejected_tokens: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., loss_type: _Optional[_Union[LossType, str]] = ..., beta: _Optional[float] = ..., model_version: _Optional[int] = ..., trained: _Optional[bool] = ..., grad_norm: _Optional[float] = ..., new_model_version: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class FieldViolation(_message.Message):
+    __slots__ = ("field", "description")
+    FIELD_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    field: str
+    description: str
+    def __init__(self, field: _Optional[str] = ..., description: _Optional[str] = ...) -> None: ...
+
+class Error(_message.Message):
+    __slots__ = ("code", "grpc_status", "message", "field_violations", "retry_after_seconds")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    GRPC_STATUS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    FIELD_VIOLATIONS_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    code: ErrorCode
+    grpc_status: int
+    message: str
+    field_violations: _containers.RepeatedCompositeFieldContainer[FieldViolation]
+    retry_after_seconds: float
+    def __init__(self, code: _Optional[_Union[ErrorCode, str]] = ..., grpc_status: _Optional[int] = ..., message: _Optional[str] = ..., field_violations: _Optional[_Iterable[_Union[FieldViolation, _Mapping]]] = ..., retry_after_seconds: _Optional[float] = ...) -> None: ...
+
+class StreamComputeLossRequest(_message.Message):
+    __slots__ = ("request",)
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    request: ComputeLossRequest
+    def __init__(self, request: _Optional[_Union[ComputeLossRequest, _Mapping]] = ...) -> None: ...
+
+class StreamComputeLossResponse(_message.Message):
+    __slots__ = ("sequence", "model_version", "response", "error")
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    sequence: int
+    model_version: int
+    response: ComputeLossResponse
+    error: Error
+    def __init__(self, sequence: _Optional[int] = ..., model_version: _Optional[int] = ..., response: _Optional[_Union[ComputeLossResponse, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+
+class GetModelInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetModelInfoResponse(_message.Message):
+    __slots__ = ("name", "kind", "parameters", "vocab_size", "max_seq_len", "dtype", "device", "model_version", "tokenizer", "reference")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    kind: str
+    parameters: int
+    vocab_size: int
+    max_seq_len: int
+    dtype: str
+    device: str
+    model_version: int
+    tokenizer: str
+    reference: bool
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., parameters: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., model_version: _Optional[int] = ..., tokenizer: _Optional[str] = ..., reference: _Optional[bool] = ...) -> None: ...
+
+class CheckpointRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CheckpointResponse(_message.Message):
+    __slots__ = ("model_version", "path", "weights_sha256")
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_SHA256_FIELD_NUMBER: _ClassVar[int]
+    model_version: int
+    path: str
+    weights_sha256: str
+    def __init__(self, model_version: _Optional[int] = ..., path: _Optional[str] = ..., weights_sha256: _Optional[str] = ...) -> None: ...
