@@ -2,8 +2,8 @@
 
 It owns the model, tokenizer, AdamW optimizer, the optional frozen reference copy and the
 model version (the number of optimizer steps applied). Requests reach it through
-:meth:`Engine.submit`; a single batcher coroutine takes them from a bounded queue in arrival
-order and runs model work on one worker thread, so concurrent requests never race.
+:meth:`Engine.submit` and the :class:`~dpo_service.batcher.Batcher` (bounded queue, arrival
+order); all model work runs on one worker thread, so concurrent requests never race.
 
 - Loss-only requests are coalesced into one forward pass, up to ``max_batch_tokens`` and
   ``max_wait_ms``; each caller gets exactly its own rows back. They run under
@@ -19,18 +19,16 @@ order and runs model work on one worker thread, so concurrent requests never rac
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import threading
 import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from dpo_service.batcher import Batcher, Job
 from dpo_service.checkpoint import CheckpointInfo
 from dpo_service.durability import Checkpointer
 from dpo_service.errors import ErrorCode, ServiceError
@@ -39,38 +37,16 @@ from dpo_service.model_loader import ModelBundle
 from dpo_service.preprocess import Limits, PreparedRequest
 from dpo_service.schemas import LossResponse, ModelInfo
 from dpo_service.settings import Settings
-from dpo_service.training import TrainState, build_response, forward_logps, run_train_step
+from dpo_service.training import (
+    NonFiniteStepError,
+    TrainState,
+    build_response,
+    forward_logps,
+    run_train_step,
+)
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class _Job:
-    request: PreparedRequest
-    future: asyncio.Future[LossResponse]
-    deadline: float | None
-    enqueued_at: float = field(default_factory=time.monotonic)
-    # "queued" → "started" (claimed by the worker) or "abandoned" (caller gave up); the lock
-    # makes the two transitions exclusive, so abandoned work never reaches the model.
-    state: str = "queued"
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def expired(self, now: float) -> bool:
-        return self.deadline is not None and now >= self.deadline
-
-    def abandon(self) -> None:
-        with self.lock:
-            if self.state == "queued":
-                self.state = "abandoned"
-
-    def claim(self) -> bool:
-        """Called on the worker thread right before model work: False if it must be dropped."""
-        with self.lock:
-            if self.state == "queued" and not self.expired(time.monotonic()):
-                self.state = "started"
-            elif self.state == "queued":
-                self.state = "abandoned"
-            return self.state == "started"
+_SHUTTING_DOWN = ServiceError(ErrorCode.UNAVAILABLE, "the service is shutting down")
 
 
 class Engine:
@@ -89,13 +65,9 @@ class Engine:
         self.state: TrainState | None = None
         self.ready = False
         self.draining = False
-        self._queue: asyncio.Queue[_Job] | None = None
-        self._held: _Job | None = None
-        self._batcher: asyncio.Task[None] | None = None
+        self._batcher: Batcher | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dpo-engine")
-        self._busy = 0
         self.checkpointer: Checkpointer | None = None
-        self._halted = False
 
     # ----------------------------------------------------------------- lifecycle
     def load(self) -> None:
@@ -115,8 +87,7 @@ class Engine:
         loop = asyncio.get_running_loop()
         if self.bundle is None:
             await loop.run_in_executor(self._executor, self.load)
-        self._queue = asyncio.Queue()
-        self._batcher = asyncio.create_task(self._batch_loop(), name="dpo-batcher")
+        self._batcher = Batcher(self.settings, self.events, self._run_on_worker)
         self.ready = True
         log.info(
             "engine ready: %s (version %d)", self.bundle.name if self.bundle else "?", self.version
@@ -136,26 +107,22 @@ class Engine:
         batch finishes, so a checkpoint submitted now holds the final state."""
         self.draining = True
         self.ready = False
-        self._halted = True
-        self._fail_pending(ServiceError(ErrorCode.UNAVAILABLE, "the service is shutting down"))
+        if self._batcher is not None:
+            self._batcher.halt(_SHUTTING_DOWN)
 
     async def stop(self) -> None:
         """Stop the batcher and the worker (after :meth:`drain`)."""
         self.ready = False
         self.draining = True
         if self._batcher is not None:
-            self._batcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._batcher
-        self._fail_pending(ServiceError(ErrorCode.UNAVAILABLE, "the service is shutting down"))
+            await self._batcher.stop(_SHUTTING_DOWN)
         self._executor.shutdown(wait=True)
         if self.checkpointer is not None:
             self.checkpointer.close()
 
     def pending(self) -> int:
         """Requests queued or running."""
-        queued = self._queue.qsize() if self._queue is not None else 0
-        return queued + (1 if self._held is not None else 0) + self._busy
+        return self._batcher.pending() if self._batcher is not None else 0
 
     # ----------------------------------------------------------------- info
     @property
@@ -237,7 +204,7 @@ class Engine:
         """Raise UNAVAILABLE while loading or draining."""
         if self.draining:
             raise ServiceError(ErrorCode.UNAVAILABLE, "the service is draining", retry_after_s=1.0)
-        if not self.ready or self._queue is None:
+        if not self.ready or self._batcher is None:
             raise ServiceError(
                 ErrorCode.UNAVAILABLE, "the model is still loading", retry_after_s=1.0
             )
@@ -247,137 +214,15 @@ class Engine:
     ) -> LossResponse:
         """Queue ``request``; wait for its result. Raises :class:`ServiceError`."""
         self.check_accepting()
-        assert self._queue is not None
-        if self._queue.qsize() >= self.settings.max_queue:
-            self.events.on_rejected_overload()
-            raise ServiceError(
-                ErrorCode.OVERLOADED,
-                f"the queue is full ({self.settings.max_queue} waiting); retry later",
-                retry_after_s=1.0,
-            )
+        assert self._batcher is not None
         timeout = self.settings.request_timeout_s if timeout_s is None else timeout_s
-        loop = asyncio.get_running_loop()
-        job = _Job(request, loop.create_future(), time.monotonic() + timeout)
-        self._queue.put_nowait(job)
-        self.events.on_queue_depth(self._queue.qsize())
-        try:
-            return await asyncio.wait_for(asyncio.shield(job.future), timeout=timeout)
-        except asyncio.TimeoutError:
-            job.abandon()
-            job.future.cancel()
-            raise ServiceError(
-                ErrorCode.DEADLINE_EXCEEDED, f"the request did not finish within {timeout:.3g} s"
-            ) from None
-        except asyncio.CancelledError:
-            job.abandon()  # client went away: drop it if it has not started
-            job.future.cancel()
-            raise
+        return await self._batcher.submit(request, timeout)
 
-    # ----------------------------------------------------------------- batcher
-    async def _next_job(self, timeout: float | None) -> _Job | None:
-        if self._held is not None:
-            job, self._held = self._held, None
-            return job
-        assert self._queue is not None
-        if timeout is None:
-            return await self._queue.get()
-        if timeout <= 0:
-            try:
-                return self._queue.get_nowait()
-            except asyncio.QueueEmpty:
-                return None
-        try:
-            return await asyncio.wait_for(self._queue.get(), timeout)
-        except asyncio.TimeoutError:
-            return None
-
-    def _live(self, job: _Job) -> bool:
-        """Drop jobs whose caller left or whose deadline passed, before the model sees them."""
-        self.events.on_queue_depth(self._queue.qsize() if self._queue is not None else 0)
-        if self._halted:
-            if not job.future.done():
-                job.future.set_exception(
-                    ServiceError(ErrorCode.UNAVAILABLE, "the service is shutting down")
-                )
-            self.events.on_dropped("shutdown")
-            return False
-        if job.future.done():
-            self.events.on_dropped("cancelled")
-            return False
-        if job.expired(time.monotonic()):
-            job.future.set_exception(
-                ServiceError(ErrorCode.DEADLINE_EXCEEDED, "the deadline passed while queued")
-            )
-            self.events.on_dropped("deadline")
-            return False
-        return True
-
-    async def _collect(self, first: _Job) -> list[_Job]:
-        """Coalesce loss-only jobs after ``first`` up to the token budget and max wait."""
-        batch = [first]
-        if first.request.train or not self.settings.dynamic_batching:
-            return batch
-        tokens = first.request.batch_tokens
-        wait_until = time.monotonic() + self.settings.max_wait_ms / 1000.0
-        while tokens < self.settings.max_batch_tokens:
-            nxt = await self._next_job(wait_until - time.monotonic())
-            if nxt is None:
-                break
-            if not self._live(nxt):
-                continue
-            if (
-                nxt.request.train
-                or tokens + nxt.request.batch_tokens > self.settings.max_batch_tokens
-            ):
-                self._held = nxt  # runs next, keeping arrival order
-                break
-            batch.append(nxt)
-            self._busy += 1
-            tokens += nxt.request.batch_tokens
-        return batch
-
-    async def _batch_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            job = await self._next_job(None)
-            if job is None or not self._live(job):
-                continue
-            self._busy += 1  # counted until its future is settled (drain waits on this)
-            batch = [job]
-            try:
-                batch = await self._collect(job)
-                started = time.monotonic()
-                for j in batch:
-                    self.events.on_queue_time(started - j.enqueued_at)
-                results = await loop.run_in_executor(self._executor, self._run, batch)
-                for j, result in zip(batch, results, strict=True):
-                    if j.future.done():
-                        continue
-                    if isinstance(result, BaseException):
-                        j.future.set_exception(result)
-                    else:
-                        j.future.set_result(result)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # pragma: no cover - defensive: keep the batcher alive
-                log.exception("batcher failure")
-                for j in batch:
-                    if not j.future.done():
-                        j.future.set_exception(ServiceError(ErrorCode.INTERNAL, "engine failure"))
-            finally:
-                self._busy -= len(batch)
-
-    def _fail_pending(self, error: ServiceError) -> None:
-        jobs = [self._held] if self._held is not None else []
-        self._held = None
-        while self._queue is not None and not self._queue.empty():
-            jobs.append(self._queue.get_nowait())
-        for job in jobs:
-            if not job.future.done():
-                job.future.set_exception(error)
+    async def _run_on_worker(self, batch: list[Job]) -> list[LossResponse | BaseException]:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._run, batch)
 
     # ----------------------------------------------------------------- worker thread
-    def _run(self, batch: list[_Job]) -> list[LossResponse | BaseException]:
+    def _run(self, batch: list[Job]) -> list[LossResponse | BaseException]:
         """Runs on the worker thread: the only place model work happens."""
         assert self.state is not None
         live = [j for j in batch if j.claim()]
@@ -393,7 +238,7 @@ class Engine:
                 results[id(j)] = r
         return [results[id(j)] for j in batch]
 
-    def _run_live(self, batch: list[_Job]) -> list[LossResponse | BaseException]:
+    def _run_live(self, batch: list[Job]) -> list[LossResponse | BaseException]:
         assert self.state is not None
         self.events.on_batch(len(batch), sum(j.request.num_pairs for j in batch))
         if len(batch) == 1 and batch[0].request.train:
@@ -414,9 +259,10 @@ class Engine:
         before = self.state.version
         try:
             response = run_train_step(self.state, request, self.settings)
+        except NonFiniteStepError as exc:
+            self.events.on_step_rejected()
+            return exc
         except ServiceError as exc:
-            if exc.code is ErrorCode.INVALID_ARGUMENT and "non-finite" in exc.message:
-                self.events.on_step_rejected()
             return exc
         except Exception as exc:
             log.exception("train step failed (request_id=%s)", request.request_id)
@@ -437,7 +283,7 @@ class Engine:
                 )
         return response
 
-    def _run_loss(self, batch: list[_Job]) -> list[LossResponse | BaseException]:
+    def _run_loss(self, batch: list[Job]) -> list[LossResponse | BaseException]:
         assert self.state is not None
         pairs = [p for j in batch for p in j.request.pairs]
         frozen_needed = [j.request.reference == "frozen" for j in batch]
@@ -465,7 +311,7 @@ class Engine:
         return results
 
 
-def _rid(job: _Job) -> str:
+def _rid(job: Job) -> str:
     return job.request.request_id or uuid.uuid4().hex
 
 

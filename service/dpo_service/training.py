@@ -5,6 +5,7 @@ Nothing here is called except from :class:`dpo_service.engine.Engine`'s worker t
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -13,6 +14,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from dpo_service.errors import ErrorCode, ServiceError
@@ -37,6 +39,10 @@ from modern_llm.alignment.logprobs import (
 log = logging.getLogger(__name__)
 
 IDEMPOTENCY_CACHE_SIZE = 4096
+
+
+class NonFiniteStepError(ServiceError):
+    """A train step whose loss, rewards or gradients are not finite (nothing was applied)."""
 
 
 @dataclass
@@ -74,33 +80,51 @@ class TrainState:
 
 
 def strategy_for(settings: Settings, bundle: ModelBundle | None = None) -> LogpStrategy:
-    """The configured layout; TWO_ROWS when ``bundle`` cannot take an explicit mask."""
+    """The configured layout; TWO_ROWS when ``bundle`` cannot take an explicit mask.
+
+    ``auto`` is passed through: :func:`pair_logps` then picks per call, ``PREFIX_CACHE`` for
+    loss-only work on a model that supports it (prompt once, KV cache reused by both responses)
+    and ``SHARED_PREFIX`` when gradients are needed (one row, exact two-row gradients).
+    """
     if bundle is not None and not bundle.supports_custom_mask:
         return LogpStrategy.TWO_ROWS
-    return {
-        LogpStrategyName.AUTO: LogpStrategy.SHARED_PREFIX,
-        LogpStrategyName.SHARED_PREFIX: LogpStrategy.SHARED_PREFIX,
-        LogpStrategyName.TWO_ROWS: LogpStrategy.TWO_ROWS,
-    }[settings.logp_strategy]
+    return LogpStrategy(LogpStrategyName(settings.logp_strategy).value)
 
 
-def micro_batches(pairs: Sequence[PairTokens], budget: int) -> list[list[int]]:
-    """Indices of ``pairs`` sorted by length and cut into groups of at most ``budget`` padded
-    positions (shared-prefix rows: prompt + chosen + rejected). A pair longer than the budget
-    gets a group of its own."""
+#: Fixed cost of one more forward pass, in padded positions (Python and kernel overhead).
+GROUP_OVERHEAD_TOKENS = {"cpu": 64, "cuda": 2048}
+
+
+def micro_batches(
+    pairs: Sequence[PairTokens], budget: int, *, overhead: int = GROUP_OVERHEAD_TOKENS["cpu"]
+) -> list[list[int]]:
+    """Indices of ``pairs`` sorted by length and cut into micro-batches.
+
+    A micro-batch is a run of the length-sorted pairs whose padded size (members × longest
+    shared-prefix row, prompt + chosen + rejected) stays within ``budget``; a pair longer than
+    the budget gets one of its own. Among those cuts, the one with the fewest padded positions
+    plus ``overhead`` per micro-batch is chosen (exact dynamic programme over the sorted order),
+    so mixed lengths are split where padding would cost more than another pass.
+    """
     lengths = [len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs]
-    order = sorted(range(len(pairs)), key=lambda i: lengths[i])
+    order = sorted(range(len(pairs)), key=lengths.__getitem__)
+    n = len(order)
+    sorted_len = np.array([lengths[i] for i in order], dtype=np.float64)
+    best = np.zeros(n + 1)  # best[i]: cost of the first i sorted pairs
+    start = np.zeros(n + 1, dtype=np.int64)  # start[i]: first member of the group ending at i
+    for i in range(1, n + 1):
+        longest = sorted_len[i - 1]  # ascending: the last member sets the padded length
+        lo = max(0, i - max(1, int(budget // longest)))
+        members = np.arange(i - lo, 0, -1)  # group sizes for starts lo..i-1
+        cost = best[lo:i] + members * longest + overhead
+        k = int(np.argmin(cost))  # first minimum: the largest group among equals
+        best[i], start[i] = cost[k], lo + k
     groups: list[list[int]] = []
-    current: list[int] = []
-    for i in order:
-        # sorted ascending, so the newest member sets the padded row length
-        if current and lengths[i] * (len(current) + 1) > budget:
-            groups.append(current)
-            current = []
-        current.append(i)
-    if current:
-        groups.append(current)
-    return groups
+    end = n
+    while end > 0:
+        groups.append(order[int(start[end]) : end])
+        end = int(start[end])
+    return groups[::-1]
 
 
 def _concat(parts: list[tuple[list[int], SequenceLogps]], n: int) -> SequenceLogps:
@@ -123,17 +147,29 @@ def _concat(parts: list[tuple[list[int], SequenceLogps]], n: int) -> SequenceLog
 def forward_logps(
     model: CausalLM, pairs: Sequence[PairTokens], settings: Settings, state: TrainState
 ) -> SequenceLogps:
-    """Response log-probs of ``pairs`` (no grad), in length-sorted micro-batches."""
+    """Response log-probs of ``pairs`` (run under ``inference_mode``), in length-sorted
+    micro-batches (see :func:`micro_batches`).
+
+    On CUDA with ``DPO_DTYPE`` bfloat16/float16 the matmuls run under autocast in that dtype
+    (a no-op for weights already stored in it, the speed-up for float32 master weights); the
+    log-softmax statistics stay float32 either way. CPU runs as stored.
+    """
+    device = model.lm_head_weight.device
+    overhead = GROUP_OVERHEAD_TOKENS.get(device.type, GROUP_OVERHEAD_TOKENS["cuda"])
+    strategy = strategy_for(settings, state.bundle)
+    half = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(settings.dtype)
+    on_cuda = device.type == "cuda" and half is not None
     parts = []
-    for group in micro_batches(pairs, settings.max_batch_tokens):
-        logps = pair_logps(
-            model,
-            [pairs[i] for i in group],
-            strategy=strategy_for(settings, state.bundle),
-            chunk_size=settings.logp_chunk_size,
-            pad_id=state.bundle.tokenizer.pad_id,
-        )
-        parts.append((group, logps))
+    with torch.autocast("cuda", dtype=half) if on_cuda else contextlib.nullcontext():
+        for group in micro_batches(pairs, settings.max_batch_tokens, overhead=overhead):
+            logps = pair_logps(
+                model,
+                [pairs[i] for i in group],
+                strategy=strategy,
+                chunk_size=settings.logp_chunk_size,
+                pad_id=state.bundle.tokenizer.pad_id,
+            )
+            parts.append((group, logps))
     return _concat(parts, len(pairs))
 
 
@@ -299,7 +335,7 @@ def run_train_step(state: TrainState, request: PreparedRequest, settings: Settin
         loss_value = sum(float(o.losses.detach().sum()) for _, _, o in parts) / n
         finite_out = all(all_finite(o) for _, _, o in parts)
         if not (math.isfinite(loss_value) and math.isfinite(grad_norm) and finite_out):
-            raise ServiceError(
+            raise NonFiniteStepError(
                 ErrorCode.INVALID_ARGUMENT,
                 f"non-finite loss ({loss_value}), rewards or gradient norm ({grad_norm}); "
                 "step not applied",

@@ -45,9 +45,7 @@ def test_grpc_sees_the_drain() -> None:
             _wait_until(lambda: srv.core.engine.pending() == 1)
             shutdown = asyncio.run_coroutine_threadsafe(srv.running.shutdown(), srv.loop)
             not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
-            _wait_until(
-                lambda: health.Check(health_pb2.HealthCheckRequest()).status == not_serving
-            )
+            _wait_until(lambda: health.Check(health_pb2.HealthCheckRequest()).status == not_serving)
             try:
                 stub.ComputeLoss(_request(False), timeout=10)
                 raise AssertionError("a new call was accepted while draining")

@@ -4,16 +4,16 @@ For each pair ``(prompt, chosen, rejected)`` of token-id lists this computes
 
     logp_chosen = Σ_{t in chosen} log p(y_t | prompt, y_<t)
 
-(and the same for ``rejected``) in ONE forward pass for the whole batch, without ever
-materialising a (B, T, V) log-softmax:
+(and the same for ``rejected``) for the whole batch at once, with the prompt encoded once per
+pair and without ever materialising a (B, T, V) log-softmax:
 
-1. a layout function packs the pairs into rows (see :class:`LogpStrategy`) and records, for
-   every response token, the flat index of the hidden state that predicts it (the position just
-   before it), its target id and the sequence it belongs to;
-2. the model returns final hidden states (R, L, D); only the N response positions are gathered;
-3. :func:`_response_token_logps` applies the LM head to ``chunk_size`` positions at a time in
-   float32 and keeps only ``target_logit - logsumexp`` (chunk,), under activation checkpointing
-   when autograd is on, so peak memory grows with ``chunk_size · V``, not ``T · V``;
+1. a layout packs the pairs into rows (see :class:`LogpStrategy`) and records, for every
+   response token, the hidden state that predicts it (the position just before it), its
+   target id and the sequence it belongs to;
+2. the model returns final hidden states; only the N response positions are gathered;
+3. :func:`~modern_llm.alignment.linear_logps.linear_token_logps` applies the LM head to those
+   N positions only, in (rows × vocabulary) blocks with an online float32 log-sum-exp and a
+   hand-written backward, so the extra memory is one cache-sized block, not ``T · V``;
 4. ``index_add`` reduces token log-probs into per-sequence sums.
 
 Works with any model that satisfies :class:`CausalLM` (``hidden_states`` + ``lm_head_weight``).
@@ -27,7 +27,6 @@ from enum import Enum
 from typing import Any, Protocol, runtime_checkable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from modern_llm.alignment.linear_logps import linear_token_logps
@@ -74,9 +73,12 @@ class LogpStrategy(str, Enum):
     - ``SHARED_PREFIX``: B rows ``[prompt][chosen][rejected]``; rejected tokens reuse the
       prompt's positions offset (``P..P+R-1``) and a boolean mask hides chosen from rejected,
       so the prompt is encoded once. Exact for training too (gradients match ``TWO_ROWS``).
-    - ``PREFIX_CACHE``: prompts run once as B rows with a KV cache, then the 2B responses run as
-      rows attending to their pair's cached prompt. Exact as well (and differentiable).
-    - ``AUTO``: ``PREFIX_CACHE`` without autograd (loss-only), ``SHARED_PREFIX`` with it.
+    - ``PREFIX_CACHE``: two passes: the B prompts (causal, KV cache kept), then the 2B
+      responses as rows attending to their pair's cached prompt (the cache is tiled, not
+      re-encoded). Exact and differentiable too; needs a model with ``supports_prefix_cache``.
+      Less attention work than ``SHARED_PREFIX`` (no chosen×rejected block, causal prompt).
+    - ``AUTO``: ``PREFIX_CACHE`` without autograd when the model supports it (loss-only; the
+      faster form on CPU in ``bench/``), else ``SHARED_PREFIX`` (the faster form for training).
     """
 
     AUTO = "auto"
@@ -262,14 +264,14 @@ def _prefix_cache_hidden(
 # ------------------------------------------------------------------------------ entry point
 
 
-def resolve_strategy(
-    strategy: LogpStrategy | str, pairs: Sequence[PairTokens], grad: bool
-) -> LogpStrategy:
+def resolve_strategy(model: CausalLM, strategy: LogpStrategy | str, grad: bool) -> LogpStrategy:
     """The concrete layout ``AUTO`` stands for (see :class:`LogpStrategy`)."""
     strategy = LogpStrategy(strategy)
     if strategy is not LogpStrategy.AUTO:
         return strategy
-    return LogpStrategy.SHARED_PREFIX if grad else LogpStrategy.PREFIX_CACHE
+    if not grad and getattr(model, "supports_prefix_cache", False):
+        return LogpStrategy.PREFIX_CACHE
+    return LogpStrategy.SHARED_PREFIX
 
 
 def pair_logps(
@@ -277,7 +279,7 @@ def pair_logps(
     pairs: Sequence[PairTokens],
     *,
     strategy: LogpStrategy | str = LogpStrategy.AUTO,
-    chunk_size: int = 1024,
+    chunk_size: int = 2048,
     pad_id: int = 0,
     device: torch.device | str | None = None,
 ) -> SequenceLogps:
@@ -291,13 +293,14 @@ def pair_logps(
         model: a :class:`CausalLM`.
         pairs: prompts include BOS, responses include EOS; all non-empty.
         strategy: layout, ``LogpStrategy`` or its string value.
-        chunk_size: response positions per LM-head chunk (peak memory ∝ chunk_size · V).
+        chunk_size: response positions per LM-head chunk (each swept over the vocabulary in
+            cache-sized blocks: the extra memory does not grow with V or T).
         pad_id: id used for right padding (never predicted, never attended by real tokens).
         device: where to run; default the device of ``model.lm_head_weight``.
     """
     weight = model.lm_head_weight  # (V, D)
     bias: Tensor | None = getattr(model, "lm_head_bias", None)
-    strategy = resolve_strategy(strategy, pairs, torch.is_grad_enabled() and weight.requires_grad)
+    strategy = resolve_strategy(model, strategy, torch.is_grad_enabled() and weight.requires_grad)
     _validate(pairs, weight.shape[0])
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")

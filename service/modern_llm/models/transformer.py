@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from modern_llm.models.config import ModernDecoderConfig
+from modern_llm.models.ops import RMSNorm, additive_mask, apply_rope, extend_cache, use_gqa_kernel
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -40,62 +41,6 @@ class CausalLMOutput(TypedDict):
 
     logits: Tensor  # (B, T, V)
     loss: Tensor | None  # scalar, or None without labels
-
-
-class RMSNorm(nn.Module):
-    """Root-mean-square norm, computed in at least float32."""
-
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.dtype in (torch.float32, torch.float64) and x.dtype == self.weight.dtype:
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # fused kernel
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return xf.to(x.dtype) * self.weight
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate ``x`` (..., hd) by the angles whose cos/sin broadcast against it.
-
-    ``x * cos + rotate_half(x) * sin`` with ``rotate_half(x) = cat(-x2, x1)``, written as one
-    roll and two fused passes (``sin`` with its first half negated).
-    """
-    half = x.shape[-1] // 2
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    signed_sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
-    return torch.addcmul(x * cos, x.roll(half, dims=-1), signed_sin)
-
-
-def _additive_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    """On CPU, turn a boolean mask into the additive float mask SDPA would build from it in
-    every layer, once per forward (bool stays on CUDA, where the kernels take it directly)."""
-    if mask is None or mask.device.type != "cpu":
-        return mask
-    if torch.is_autocast_enabled("cpu"):
-        dtype = torch.get_autocast_dtype("cpu")
-    return torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, float("-inf"))
-
-
-def _extend(past: Tensor, new: Tensor) -> Tensor:
-    """``cat((past, new), dim=2)``; a past with fewer rows than ``new`` (a divisor) is tiled:
-    row ``i`` of ``new`` continues row ``i % len(past)`` (one copy, no repeated cache)."""
-    if past.shape[0] == new.shape[0]:
-        return torch.cat((past, new), dim=2)
-    b, pb, s = new.shape[0], past.shape[0], past.shape[2]
-    out = new.new_empty(b, new.shape[1], s + new.shape[2], new.shape[3])
-    out[:, :, :s].view(b // pb, pb, *past.shape[1:]).copy_(past[None])
-    out[:, :, s:] = new
-    return out
-
-
-def _use_gqa_kernel(device: torch.device, has_mask: bool) -> bool:
-    """SDPA's native GQA (no repeated K/V): the CPU flash kernel supports it with or without a
-    mask; on CUDA only the flash path (no mask) does, so repeat K/V there when masked."""
-    return device.type == "cpu" or not has_mask
 
 
 class Attention(nn.Module):
@@ -126,10 +71,10 @@ class Attention(nn.Module):
         k = apply_rope(self.k_proj(x).view(b, t, self.n_kv_heads, hd), cos, sin).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_kv_heads, hd).transpose(1, 2)
         if past is not None:
-            k, v = _extend(past[0], k), _extend(past[1], v)  # (B, Hkv, S, hd)
+            k, v = extend_cache(past[0], k), extend_cache(past[1], v)  # (B, Hkv, S, hd)
         new_kv = (k, v)
         groups = self.n_heads // self.n_kv_heads
-        gqa = groups > 1 and _use_gqa_kernel(x.device, mask is not None)
+        gqa = groups > 1 and use_gqa_kernel(x.device, mask is not None)
         if groups > 1 and not gqa:  # portable GQA: expand kv heads to match the query heads
             k = k.repeat_interleave(groups, dim=1)  # (B, H, S, hd)
             v = v.repeat_interleave(groups, dim=1)
@@ -182,6 +127,9 @@ class DecoderBlock(nn.Module):
 
 class ModernDecoderLM(nn.Module):
     """Decoder-only causal LM (RoPE, RMSNorm, SwiGLU, GQA, optionally tied embeddings)."""
+
+    #: ``hidden_states`` takes ``attn_mask`` together with a (tiled) ``past_key_values``.
+    supports_prefix_cache = True
 
     def __init__(self, config: ModernDecoderConfig | None = None) -> None:
         super().__init__()
@@ -357,7 +305,7 @@ class ModernDecoderLM(nn.Module):
         x = self.embed_tokens(input_ids)  # (B, T, D)
         cos, sin = self._rope(position_ids, x.dtype)
         mask, is_causal = self._build_mask(b, t, past_len, attention_mask, attn_mask, device)
-        mask = _additive_mask(mask, x.dtype)
+        mask = additive_mask(mask, x.dtype)
         new_cache: KVCache = []
         for i, layer in enumerate(self.layers):
             past = past_key_values[i] if past_key_values else None

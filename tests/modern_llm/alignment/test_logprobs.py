@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from modern_llm.alignment import linear_logps
 from modern_llm.alignment.linear_logps import linear_token_logps
 from modern_llm.alignment.logprobs import (
     CausalLM,
@@ -19,6 +20,7 @@ from modern_llm.alignment.logprobs import (
     SequenceLogps,
     build_shared_prefix_layout,
     pair_logps,
+    resolve_strategy,
     shared_prefix_mask,
 )
 from modern_llm.models.transformer import ModernDecoderConfig, ModernDecoderLM
@@ -137,15 +139,40 @@ def _grads(model: ModernDecoderLM, pairs: list[PairTokens], **kw: object) -> tup
     return out, grads
 
 
-def test_shared_prefix_values_and_gradients_equal_two_rows(model: ModernDecoderLM) -> None:
+@pytest.mark.parametrize("strategy", [LogpStrategy.SHARED_PREFIX, LogpStrategy.PREFIX_CACHE])
+def test_prefix_sharing_values_and_gradients_equal_two_rows(
+    model: ModernDecoderLM, strategy: LogpStrategy
+) -> None:
     pairs = make_pairs(LENGTHS, seed=7)
     a, ga = _grads(model, pairs, strategy=LogpStrategy.TWO_ROWS, chunk_size=5)
-    b, gb = _grads(model, pairs, strategy=LogpStrategy.SHARED_PREFIX, chunk_size=5)
+    b, gb = _grads(model, pairs, strategy=strategy, chunk_size=5)
     torch.testing.assert_close(b.chosen, a.chosen, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(b.rejected, a.rejected, rtol=1e-5, atol=1e-5)
     assert ga.keys() == gb.keys() == {n for n, _ in model.named_parameters()}
     for name in ga:
         torch.testing.assert_close(gb[name], ga[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_auto_picks_prefix_cache_for_loss_only_and_shared_prefix_for_training(
+    model: ModernDecoderLM,
+) -> None:
+    assert resolve_strategy(model, "auto", grad=False) is LogpStrategy.PREFIX_CACHE
+    assert resolve_strategy(model, "auto", grad=True) is LogpStrategy.SHARED_PREFIX
+    assert resolve_strategy(model, "two_rows", grad=False) is LogpStrategy.TWO_ROWS
+
+    class NoCache:  # a CausalLM that cannot take a KV cache
+        lm_head_weight = model.lm_head_weight
+
+    no_cache: CausalLM = NoCache()  # type: ignore[assignment]
+    assert resolve_strategy(no_cache, "auto", grad=False) is LogpStrategy.SHARED_PREFIX
+
+
+def test_prefix_cache_with_single_token_responses(model: ModernDecoderLM) -> None:
+    """All responses one token long: the response pass is skipped entirely."""
+    pairs = make_pairs([(3, 1, 1), (7, 1, 1)], seed=4)
+    ref = naive_pair_logps_float64(model, pairs)
+    with torch.no_grad():
+        assert_close_to(pair_logps(model, pairs, strategy=LogpStrategy.PREFIX_CACHE), ref)
 
 
 def test_gradients_match_float64_autograd(model: ModernDecoderLM) -> None:
@@ -204,7 +231,7 @@ def test_shared_prefix_layout_and_mask() -> None:
     assert shared_prefix_mask(lay.segments).any(-1).all()  # no empty row (pads too)
 
 
-def test_response_token_logps_chunking_and_memory() -> None:
+def test_linear_token_logps_keeps_no_vocab_wide_tensor() -> None:
     g = torch.Generator().manual_seed(0)
     n, d, v = 64, 16, 1000
     hidden = torch.randn(n, d, generator=g, requires_grad=True)
@@ -220,13 +247,63 @@ def test_response_token_logps_chunking_and_memory() -> None:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = linear_token_logps(hidden, targets, weight, chunk_size=8)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    # Checkpointing keeps only the chunk inputs for backward, never a (chunk, V) logits tensor.
+    # Backward keeps the inputs and one log-sum-exp per row, never a (rows, V) logits tensor.
     assert saved and all(shape[-1] != v for shape in saved)
     assert (v, d) in saved  # the weight is saved (by reference), as expected
     gh, gw = torch.autograd.grad(out.sum(), (hidden, weight))
     rh, rw = torch.autograd.grad(ref.sum(), (hidden, weight))
     torch.testing.assert_close(gh, rh, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(gw, rw, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 37, 100])
+def test_linear_token_logps_blocks_match_float64(
+    monkeypatch: pytest.MonkeyPatch, chunk: int
+) -> None:
+    """Many row chunks × vocabulary blocks (tiny blocks forced), with a bias and an uneven
+    incoming gradient: values and all three gradients equal a float64 full log-softmax."""
+    monkeypatch.setattr(linear_logps, "BLOCK_ELEMENTS", 64)
+    monkeypatch.setattr(linear_logps, "_MIN_COLUMNS", 7)
+    assert len(linear_logps._blocks(chunk, 1000)) > 10
+    g = torch.Generator().manual_seed(1)
+    n, d, v = 37, 16, 1000
+    h, w = torch.randn(n, d, generator=g), torch.randn(v, d, generator=g)
+    b = torch.randn(v, generator=g)
+    t = torch.randint(0, v, (n,), generator=g)
+    t[:3] = torch.tensor([0, v - 1, 6])  # first and last column, a block edge
+    upstream = torch.randn(n, generator=g)
+    inputs = [x.clone().requires_grad_() for x in (h, w, b)]
+    out = linear_token_logps(inputs[0], t, inputs[1], chunk, inputs[2])
+    got = torch.autograd.grad(out, inputs, upstream)
+    ref_in = [x.double().requires_grad_() for x in (h, w, b)]
+    ref = F.log_softmax(ref_in[0] @ ref_in[1].T + ref_in[2], -1).gather(1, t[:, None])[:, 0]
+    expected = torch.autograd.grad(ref, ref_in, upstream.double())
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    for a, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(a.double(), e, rtol=1e-4, atol=1e-5)
+
+
+def test_linear_token_logps_under_bf16_autocast_keeps_float32_statistics() -> None:
+    g = torch.Generator().manual_seed(2)
+    h, w = torch.randn(20, 32, generator=g), torch.randn(300, 32, generator=g) * 0.2
+    t = torch.randint(0, 300, (20,), generator=g)
+    hr = h.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = linear_token_logps(hr, t, w, chunk_size=8)
+    assert out.dtype == torch.float32
+    ref = F.log_softmax(h.double() @ w.double().T, -1).gather(1, t[:, None])[:, 0]
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=0.1)  # bf16 matmul inputs
+    out.sum().backward()
+    assert hr.grad is not None and hr.grad.dtype == torch.float32
+
+
+def test_linear_token_logps_rejects_bad_chunk_and_handles_empty() -> None:
+    w = torch.randn(10, 4)
+    with pytest.raises(ValueError, match="chunk_size"):
+        linear_token_logps(torch.randn(2, 4), torch.tensor([1, 2]), w, chunk_size=0)
+    empty = linear_token_logps(torch.randn(0, 4), torch.zeros(0, dtype=torch.long), w, 4)
+    assert empty.shape == (0,) and empty.dtype == torch.float32
 
 
 def test_input_validation(model: ModernDecoderLM) -> None:
@@ -262,6 +339,7 @@ def test_strategies_agree_property(
     pairs = make_pairs(lengths, seed=seed)
     with torch.inference_mode():
         a = pair_logps(model, pairs, strategy=LogpStrategy.TWO_ROWS, chunk_size=chunk)
-        b = pair_logps(model, pairs, strategy=LogpStrategy.SHARED_PREFIX, chunk_size=chunk)
-    torch.testing.assert_close(b.chosen, a.chosen, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(b.rejected, a.rejected, rtol=1e-5, atol=1e-4)
+        for strategy in (LogpStrategy.SHARED_PREFIX, LogpStrategy.PREFIX_CACHE):
+            b = pair_logps(model, pairs, strategy=strategy, chunk_size=chunk)
+            torch.testing.assert_close(b.chosen, a.chosen, rtol=1e-5, atol=1e-4)
+            torch.testing.assert_close(b.rejected, a.rejected, rtol=1e-5, atol=1e-4)

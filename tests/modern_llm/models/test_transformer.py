@@ -11,10 +11,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from modern_llm.models import transformer
 from modern_llm.models.transformer import (
     Attention,
     ModernDecoderConfig,
     ModernDecoderLM,
+    RMSNorm,
     apply_rope,
 )
 
@@ -163,6 +165,63 @@ def test_kv_cache_matches_full_forward(model: ModernDecoderLM) -> None:
     h3 = model.hidden_states(ids[:, 9:], past_key_values=cache)
     torch.testing.assert_close(torch.cat([h1, h2, h3], 1), full, rtol=1e-5, atol=1e-5)
     assert cache[0][0].shape == (2, 2, 9, 8)  # (B, n_kv_heads, S, head_dim)
+
+
+def test_kv_cache_tiled_over_a_larger_batch(model: ModernDecoderLM) -> None:
+    """A cache of batch B continues 2B rows (row i uses cache row i mod B), as if repeated."""
+    prompt, cont = rand_ids(2, 5, seed=1), rand_ids(4, 3, seed=2)
+    _, cache = model.hidden_states(prompt, use_cache=True)
+    repeated = [(k.repeat(2, 1, 1, 1), v.repeat(2, 1, 1, 1)) for k, v in cache]
+    tiled = model.hidden_states(cont, past_key_values=cache)
+    torch.testing.assert_close(tiled, model.hidden_states(cont, past_key_values=repeated))
+    for i in range(4):  # and each row equals its own full forward
+        full = model.hidden_states(torch.cat([prompt[i % 2], cont[i]])[None])[0, 5:]
+        torch.testing.assert_close(tiled[i], full, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="divide"):
+        model.hidden_states(rand_ids(3, 2), past_key_values=cache)
+
+
+def test_masked_gqa_repeat_path_equals_native_kernel(
+    model: ModernDecoderLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CUDA fallback (K/V repeated per query group) gives the CPU kernel's numbers."""
+    ids = rand_ids(2, 7)
+    mask = torch.ones(7, 7, dtype=torch.bool).tril()[None].repeat(2, 1, 1)
+    mask[1, 4:, 1:3] = False
+    native = model.hidden_states(ids, attn_mask=mask)
+    monkeypatch.setattr(transformer, "use_gqa_kernel", lambda device, has_mask: False)
+    torch.testing.assert_close(model.hidden_states(ids, attn_mask=mask), native)
+
+
+def test_rmsnorm_fused_and_upcast_paths_agree() -> None:
+    norm = RMSNorm(16, 1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 1.5, 16))
+    x = torch.randn(3, 5, 16)
+    manual = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight
+    torch.testing.assert_close(norm(x), manual)
+    bf = norm.bfloat16()(x.bfloat16())  # low precision: upcast, normalise, cast back
+    assert bf.dtype == torch.bfloat16
+    torch.testing.assert_close(bf.float(), manual, rtol=2e-2, atol=2e-2)
+
+
+def test_apply_rope_equals_rotate_half_formula() -> None:
+    x = torch.randn(2, 5, 3, 8, dtype=torch.float64)
+    angles = torch.randn(2, 5, 1, 4, dtype=torch.float64)
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    x1, x2 = x.chunk(2, -1)
+    expected = x * cos + torch.cat((-x2, x1), -1) * sin
+    torch.testing.assert_close(apply_rope(x, cos, sin), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_swiglu_in_place_inference_path_equals_autograd_path() -> None:
+    m = ModernDecoderLM(tiny_config())
+    x = torch.randn(2, 4, 32)
+    mlp = m.layers[0].mlp
+    with_grad = mlp(x)
+    assert with_grad.requires_grad
+    with torch.inference_mode():
+        torch.testing.assert_close(mlp(x), with_grad.detach(), rtol=0, atol=0)
 
 
 def test_max_seq_len_enforced(model: ModernDecoderLM) -> None:
