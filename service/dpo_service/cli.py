@@ -68,7 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "info":
         print(json.dumps(settings.model_dump(mode="json"), indent=2, default=str))
         return 0
+    import torch
+
     from dpo_service.server import serve
+
+    # before any torch worker thread starts, so the whole thread pool inherits the flag
+    torch.set_flush_denormal(settings.flush_denormal)
 
     try:
         asyncio.run(serve(settings))

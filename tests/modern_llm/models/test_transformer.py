@@ -372,14 +372,7 @@ def test_from_pretrained_errors(tmp_path: Path) -> None:
 
 def test_seed_complete_training_example_runs() -> None:
     """The seed's "Complete training example", verbatim apart from config and dataloader."""
-    try:
-        from modern_llm.alignment.dpo_loss import dpo_loss
-    except ImportError:  # pragma: no cover - the loss module lands separately
-
-        def dpo_loss(
-            chosen_logprobs: torch.Tensor, rejected_logprobs: torch.Tensor, beta: float = 0.1
-        ) -> torch.Tensor:
-            return -F.logsigmoid(beta * (chosen_logprobs - rejected_logprobs)).mean()
+    from modern_llm.alignment.dpo_loss import dpo_loss
 
     def compute_sequence_logprobs(
         model: ModernDecoderLM, input_ids: torch.Tensor, labels: torch.Tensor
