@@ -11,7 +11,7 @@ proto:
 	bash scripts/gen_proto.sh
 
 proto-check: proto
-	@test -z "$$(git status --porcelain -- service/dpo_service/grpc_gen)" || (git status --short -- service/dpo_service/grpc_gen; echo "generated stubs are stale: run make proto"; exit 1)
+	@test -z "$$(git status --porcelain -- service/dpo_service/api/grpc/gen)" || (git status --short -- service/dpo_service/api/grpc/gen; echo "generated stubs are stale: run make proto"; exit 1)
 
 buf-lint:
 	cd .ci/node && npx --no-install buf lint ../..

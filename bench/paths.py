@@ -1,9 +1,9 @@
 """The service's paths, run in process, and the ablations that measure each lever.
 
-- ``engine loss``: :func:`dpo_service.training.forward_logps` under ``inference_mode`` with the
+- ``engine loss``: :func:`dpo_service.engine.forward.forward_logps` under ``inference_mode`` with the
   engine's default settings (length-bucketed micro-batches, ``auto`` layout, chunked LM head)
-  plus the DPO loss: what :class:`~dpo_service.engine.Engine` runs for a loss-only batch.
-- ``engine train``: :func:`dpo_service.training.run_train_step` (forward, loss, backward, clip,
+  plus the DPO loss: what :class:`~dpo_service.engine.engine.Engine` runs for a loss-only batch.
+- ``engine train``: :func:`dpo_service.engine.train_step.run_train_step` (forward, loss, backward, clip,
   AdamW), what the engine runs for ``train=true``.
 - ablations: one lever at a time (one pass instead of two, the chunked LM head, each layout,
   the LM-head backward variants, bucketing off).
@@ -20,10 +20,12 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from dpo_service.model_loader import ByteTripleTokenizer, ModelBundle
-from dpo_service.preprocess import PreparedRequest
+from dpo_service.engine.forward import forward_logps
+from dpo_service.engine.preparation import PreparedRequest
+from dpo_service.engine.train_state import TrainState
+from dpo_service.engine.train_step import run_train_step
+from dpo_service.models.bundle import ByteTripleTokenizer, ModelBundle
 from dpo_service.settings import Settings
-from dpo_service.training import TrainState, forward_logps, run_train_step
 from modern_llm.alignment import logprobs
 from modern_llm.alignment.dpo_loss import LossConfig, dpo_loss
 from modern_llm.alignment.logprobs import LogpStrategy, PairTokens, pair_logps
@@ -48,7 +50,7 @@ class Harness:
 
     def loss(self, pairs: list[PairTokens]) -> Tensor:
         with torch.inference_mode():
-            logps = forward_logps(self.model, pairs, self.settings, self.state)
+            logps = forward_logps(self.model, pairs, self.settings, self.state.bundle)
             return dpo_loss(logps.chosen, logps.rejected, beta=0.1)
 
     def train(self, pairs: list[PairTokens]) -> float:

@@ -3,7 +3,7 @@
 The server runs as ``python -m dpo_service serve`` in a subprocess (its own interpreter and
 torch threads, as deployed), holding the benchmark model saved with ``save_pretrained``; the
 clients (:class:`dpo_service.client.DpoClient`) run in this process. The in-process reference
-is the same :class:`~dpo_service.core.Core` (validation, tokenisation, engine, batching) driven
+is the same :class:`~dpo_service.engine.admission.Admission` (validation, tokenisation, engine, batching) driven
 directly, without a transport.
 """
 
@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 
 from dpo_service.client import DpoClient
-from dpo_service.core import make_core
+from dpo_service.engine.admission import make_admission
 from dpo_service.schemas import LossRequest
 from dpo_service.settings import Settings
 from modern_llm.alignment.logprobs import PairTokens
@@ -158,8 +158,8 @@ def concurrent_burst(clients: list[DpoClient], pairs: list[PairTokens], rounds: 
 
 
 def in_process_core(settings: Settings, pairs: list[PairTokens], rounds: int) -> list[float]:
-    """The service core without a transport: LossRequest → Core.compute → LossResponse."""
-    core = make_core(settings)
+    """The service core without a transport: LossRequest → Admission.compute → LossResult."""
+    core = make_admission(settings)
     request = LossRequest.model_validate(
         {
             "pairs": [
@@ -174,7 +174,7 @@ def in_process_core(settings: Settings, pairs: list[PairTokens], rounds: int) ->
         try:
 
             async def once() -> None:
-                await core.compute(request, api_key=None, protocol="inproc")
+                await core.compute(request, api_key=None)
 
             await once()
             times = []

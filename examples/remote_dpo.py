@@ -4,7 +4,7 @@
         --target grpc://127.0.0.1:50051 --data examples/data/preferences.jsonl --steps 40
 """
 
-from dpo_service.remote_trainer import main
+from dpo_service.client.remote_trainer import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerate the Python gRPC stubs from proto/dpo/v1/dpo_service.proto into
-# service/dpo_service/grpc_gen/ (committed). Deterministic: the same grpcio-tools version
+# service/dpo_service/api/grpc/gen/ (committed). Deterministic: the same grpcio-tools version
 # gives byte-identical files, so CI can run this and `git diff --exit-code`.
 #
 #   scripts/gen_proto.sh            # uses $PYTHON, else .venv/bin/python, else python3
@@ -36,7 +36,7 @@ if [[ "$have" != "$GRPC_TOOLS_VERSION" ]]; then
   exit 1
 fi
 
-OUT="${GEN_OUT:-service/dpo_service/grpc_gen}"  # GEN_OUT: write elsewhere (tests compare)
+OUT="${GEN_OUT:-service/dpo_service/api/grpc/gen}"  # GEN_OUT: write elsewhere (tests compare)
 TMP="$(mktemp -d)"
 trap 'rm -rf "$TMP"' EXIT
 

@@ -29,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", help="auto, cpu, cuda, cuda:N")
     serve.add_argument("--checkpoint-dir", help="checkpoint directory (resumed at start)")
     remote = sub.add_parser("train-remote", help="train a running service from a preference JSONL")
-    from dpo_service.remote_trainer import add_arguments
+    from dpo_service.client.remote_trainer import add_arguments
 
     add_arguments(remote)
     info = sub.add_parser("info", help="print the effective settings (secrets masked) and exit")
@@ -53,7 +53,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "train-remote":
-        from dpo_service.remote_trainer import run
+        from dpo_service.client.remote_trainer import run
 
         return run(args)
     try:

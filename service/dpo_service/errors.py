@@ -19,13 +19,12 @@ class ErrorCode(str, Enum):
 
     INVALID_ARGUMENT = "invalid_argument"
     UNAUTHENTICATED = "unauthenticated"
-    PERMISSION_DENIED = "permission_denied"
     TOO_LARGE = "too_large"
     OVERLOADED = "overloaded"
     UNAVAILABLE = "unavailable"
     DEADLINE_EXCEEDED = "deadline_exceeded"
     CONFLICT = "conflict"
-    CANCELLED = "cancelled"
+    CANCELLED = "cancelled"  # never raised by the server: the client's code for a call it cancelled
     NOT_FOUND = "not_found"
     INTERNAL = "internal"
 
@@ -33,7 +32,6 @@ class ErrorCode(str, Enum):
 HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.INVALID_ARGUMENT: 422,
     ErrorCode.UNAUTHENTICATED: 401,
-    ErrorCode.PERMISSION_DENIED: 403,
     ErrorCode.TOO_LARGE: 413,
     ErrorCode.OVERLOADED: 429,
     ErrorCode.UNAVAILABLE: 503,
@@ -48,7 +46,6 @@ HTTP_STATUS: dict[ErrorCode, int] = {
 GRPC_STATUS: dict[ErrorCode, str] = {
     ErrorCode.INVALID_ARGUMENT: "INVALID_ARGUMENT",
     ErrorCode.UNAUTHENTICATED: "UNAUTHENTICATED",
-    ErrorCode.PERMISSION_DENIED: "PERMISSION_DENIED",
     ErrorCode.TOO_LARGE: "RESOURCE_EXHAUSTED",
     ErrorCode.OVERLOADED: "RESOURCE_EXHAUSTED",
     ErrorCode.UNAVAILABLE: "UNAVAILABLE",

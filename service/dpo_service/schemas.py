@@ -7,7 +7,6 @@ response tokens; rewards are ``beta * (logp - reference_logp)`` in the same unit
 
 from __future__ import annotations
 
-from enum import Enum
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictInt, StrictStr, Tag
@@ -59,14 +58,6 @@ Pair = Annotated[
     Annotated[TextPair, Tag("text")] | Annotated[TokenPair, Tag("tokens")],
     Discriminator(_pair_kind),
 ]
-
-
-class ReferenceMode(str, Enum):
-    """Where reference log-probs come from."""
-
-    NONE = "none"
-    PROVIDED = "provided"
-    FROZEN = "frozen"
 
 
 class LossRequest(_Strict):

@@ -21,8 +21,8 @@ from typing import Any
 
 import uvicorn
 
-from dpo_service.core import Core, make_core
-from dpo_service.http_api import create_app
+from dpo_service.api.http.app import create_app
+from dpo_service.engine.admission import Admission, make_admission
 from dpo_service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ class _Uvicorn(uvicorn.Server):
 class RunningServer:
     """Handles of a started server (used by ``serve`` and by tests)."""
 
-    core: Core
+    admission: Admission
     http: _Uvicorn | None = None
     http_task: asyncio.Task[None] | None = None
     grpc: Any = None
@@ -53,15 +53,15 @@ class RunningServer:
 
     async def shutdown(self) -> None:
         """Drain, checkpoint, close listeners."""
-        settings = self.core.settings
-        engine = self.core.engine
+        settings = self.admission.settings
+        engine = self.admission.engine
         if self.grpc is not None:
             await self.grpc.set_serving(False)
         drained = await engine.drain(settings.drain_timeout_s)
         if not drained:
             log.warning("drain timeout: %d requests still pending", engine.pending())
         with contextlib.suppress(Exception):
-            await self.core.on_shutdown()
+            await self.admission.on_shutdown()
         if self.grpc is not None:
             await self.grpc.stop(grace=1.0)
         if self.http is not None and self.http_task is not None:
@@ -72,18 +72,18 @@ class RunningServer:
         self.stopped.set()
 
 
-async def start(settings: Settings, core: Core | None = None) -> RunningServer:
+async def start(settings: Settings, admission: Admission | None = None) -> RunningServer:
     """Start the listeners, then load the model. Returns once the model is ready."""
-    core = core or make_core(settings)
-    running = RunningServer(core=core)
+    admission = admission or make_admission(settings)
+    running = RunningServer(admission=admission)
     if settings.enable_grpc:
-        from dpo_service.grpc_api import start_grpc_server
+        from dpo_service.api.grpc.server import start_grpc_server
 
-        running.grpc = await start_grpc_server(core, settings)
+        running.grpc = await start_grpc_server(admission, settings)
         running.grpc_port = running.grpc.port
     if settings.enable_http:
         config = uvicorn.Config(
-            create_app(settings, core=core),
+            create_app(settings, admission=admission),
             host=settings.host,
             port=settings.port,
             log_level=settings.log_level,
@@ -101,7 +101,7 @@ async def start(settings: Settings, core: Core | None = None) -> RunningServer:
         sockets = [s for srv in server.servers for s in srv.sockets]
         running.http_port = sockets[0].getsockname()[1] if sockets else settings.port
     try:
-        await core.start()
+        await admission.start()
     except BaseException:
         await _close_listeners(running)
         raise
@@ -111,8 +111,8 @@ async def start(settings: Settings, core: Core | None = None) -> RunningServer:
         "serving: http=%s grpc=%s model=%s version=%d",
         running.http_port,
         running.grpc_port,
-        core.engine.bundle.name if core.engine.bundle else "?",
-        core.engine.version,
+        admission.engine.bundle.name if admission.engine.bundle else "?",
+        admission.engine.version,
     )
     return running
 
@@ -127,7 +127,7 @@ async def _close_listeners(running: RunningServer) -> None:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(running.http_task, timeout=5)
     with contextlib.suppress(Exception):
-        await running.core.engine.stop()
+        await running.admission.engine.stop()
 
 
 async def serve(settings: Settings) -> None:
@@ -144,4 +144,4 @@ async def serve(settings: Settings) -> None:
     await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     log.info("shutting down: draining in-flight requests")
     await running.shutdown()
-    log.info("stopped at model version %d", running.core.engine.version)
+    log.info("stopped at model version %d", running.admission.engine.version)

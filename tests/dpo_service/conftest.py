@@ -66,11 +66,11 @@ class ServerThread:
 
     @property
     def core(self) -> Any:
-        return self.running.core
+        return self.running.admission
 
     @property
     def version(self) -> int:
-        return int(self.running.core.engine.version)
+        return int(self.running.admission.engine.version)
 
     def stop(self) -> None:
         try:

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from conftest import API_KEY, small_settings
-from dpo_service.core import Core, make_core
+from dpo_service.engine.admission import Admission, make_admission
 from dpo_service.schemas import LossRequest
 
 
@@ -28,13 +28,13 @@ def _request(i: int, *, train: bool = False) -> LossRequest:
     )
 
 
-async def _core(**overrides: Any) -> Core:
-    core = make_core(small_settings(**overrides))
+async def _core(**overrides: Any) -> Admission:
+    core = make_admission(small_settings(**overrides))
     await core.start()
     return core
 
 
-def _batch_sizes(core: Core) -> list[float]:
+def _batch_sizes(core: Admission) -> list[float]:
     """Observed requests-per-forward-pass values (from the histogram's sum and count)."""
     metric = core.engine.events.batch_requests
     samples = {s.name: s.value for m in metric.collect() for s in m.samples}
@@ -44,10 +44,10 @@ def _batch_sizes(core: Core) -> list[float]:
 async def test_concurrent_requests_are_coalesced_and_get_their_own_rows() -> None:
     core = await _core(max_wait_ms=50.0)
     try:
-        solo = [await core.compute(_request(i), api_key=None, protocol="test") for i in range(16)]
+        solo = [await core.compute(_request(i), api_key=None) for i in range(16)]
         passes_before = _batch_sizes(core)[1]
         together = await asyncio.gather(
-            *(core.compute(_request(i), api_key=None, protocol="test") for i in range(16))
+            *(core.compute(_request(i), api_key=None) for i in range(16))
         )
         total, passes = _batch_sizes(core)
         assert passes - passes_before < 16, "16 concurrent requests should share forward passes"
@@ -64,9 +64,7 @@ async def test_concurrent_requests_are_coalesced_and_get_their_own_rows() -> Non
 async def test_batching_off_runs_one_request_per_pass() -> None:
     core = await _core(dynamic_batching=False, max_wait_ms=50.0)
     try:
-        await asyncio.gather(
-            *(core.compute(_request(i), api_key=None, protocol="test") for i in range(8))
-        )
+        await asyncio.gather(*(core.compute(_request(i), api_key=None) for i in range(8)))
         total, passes = _batch_sizes(core)
         assert passes == 8 and total == 8
     finally:
@@ -78,10 +76,7 @@ async def test_train_requests_are_never_merged_and_keep_order() -> None:
     versions follow arrival order; loss requests see the version of their moment."""
     core = await _core(max_wait_ms=20.0)
     try:
-        calls = [
-            core.compute(_request(i, train=i % 2 == 0), api_key=API_KEY, protocol="test")
-            for i in range(10)
-        ]
+        calls = [core.compute(_request(i, train=i % 2 == 0), api_key=API_KEY) for i in range(10)]
         results = await asyncio.gather(*calls)
         trained = [r for r in results if r.trained]
         assert [r.new_model_version for r in trained] == [1, 2, 3, 4, 5]

@@ -15,22 +15,25 @@ import pytest
 import torch
 
 from conftest import small_settings
-from dpo_service.checkpoint import (
+from dpo_service.engine.admission import make_engine
+from dpo_service.engine.engine import Engine
+from dpo_service.engine.preparation import prepare
+from dpo_service.engine.results import LossResult
+from dpo_service.schemas import LossRequest
+from dpo_service.state.files import (
+    model_config_of,
+    sha256_file,
+    tokenizer_identity,
+    weights_digest,
+)
+from dpo_service.state.format import (
     LATEST_FILE,
     MANIFEST_FILE,
     OPTIM_TENSORS_FILE,
     WEIGHTS_FILE,
     CheckpointMismatch,
-    CheckpointStore,
-    model_config_of,
-    tokenizer_identity,
-    weights_digest,
 )
-from dpo_service.checkpoint_io import sha256_file
-from dpo_service.core import make_engine
-from dpo_service.engine import Engine
-from dpo_service.preprocess import prepare
-from dpo_service.schemas import LossRequest, LossResponse
+from dpo_service.state.store import CheckpointStore
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -52,11 +55,11 @@ def _stop(engine: Engine) -> None:
     asyncio.run(engine.stop())  # releases the directory lock
 
 
-def _step(engine: Engine, request_id: str | None = None) -> LossResponse:
+def _step(engine: Engine, request_id: str | None = None) -> LossResult:
     assert engine.bundle is not None
     body = LossRequest.model_validate({"pairs": PAIRS, "train": True, "request_id": request_id})
-    result = engine._run_train(prepare(body, engine.bundle.tokenizer, engine.limits()))
-    assert isinstance(result, LossResponse), result
+    result = engine._train_one(prepare(body, engine.bundle.tokenizer, engine.limits()))
+    assert isinstance(result, LossResult), result
     return result
 
 
@@ -171,7 +174,7 @@ def test_damaged_latest_is_skipped_for_the_previous_good_one(
     else:
         for f in latest.iterdir():
             f.unlink()
-    caplog.set_level(logging.WARNING, logger="dpo_service.checkpoint")
+    caplog.set_level(logging.WARNING, logger="dpo_service.state.store")
     b = _engine(tmp_path)
     assert b.version == 2
     warning = "\n".join(r.getMessage() for r in caplog.records)
@@ -197,7 +200,7 @@ def test_latest_pointing_to_a_missing_dir_falls_back(
     trained: Engine, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     (tmp_path / LATEST_FILE).write_text("ckpt-000000000042\n")
-    caplog.set_level(logging.WARNING, logger="dpo_service.checkpoint")
+    caplog.set_level(logging.WARNING, logger="dpo_service.state.store")
     b = _engine(tmp_path)
     assert b.version == 3
     assert "ckpt-000000000042, which does not exist" in caplog.text

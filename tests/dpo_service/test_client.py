@@ -17,6 +17,8 @@ import httpx
 import pytest
 
 from conftest import API_KEY, ServerThread, running_server
+from dpo_service.api.grpc.gen import dpo_service_pb2 as pb
+from dpo_service.api.grpc.gen import dpo_service_pb2_grpc as pb_grpc
 from dpo_service.client import (
     CheckpointResult,
     DpoClient,
@@ -26,8 +28,6 @@ from dpo_service.client import (
     RetryPolicy,
 )
 from dpo_service.errors import ErrorCode
-from dpo_service.grpc_gen import dpo_service_pb2 as pb
-from dpo_service.grpc_gen import dpo_service_pb2_grpc as pb_grpc
 
 PAIRS: list[Any] = [
     ("Q: 2+2?", " 4", " five, probably"),
@@ -187,8 +187,8 @@ def test_grpc_checkpoint_writes_a_real_checkpoint(tmp_path: Path) -> None:
 
 
 def test_grpc_checkpoint_with_a_fake_core(server: ServerThread) -> None:
-    async def fake_checkpoint() -> str:
-        return "/ckpt/step-3"
+    async def fake_checkpoint() -> dict[str, str]:
+        return {"path": "/ckpt/step-3"}
 
     server.core.checkpoint = fake_checkpoint
     try:

@@ -12,8 +12,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import API_KEY, ServerThread, small_settings
-from dpo_service.grpc_gen import dpo_service_pb2 as pb
-from dpo_service.grpc_gen import dpo_service_pb2_grpc as pb_grpc
+from dpo_service.api.grpc.gen import dpo_service_pb2 as pb
+from dpo_service.api.grpc.gen import dpo_service_pb2_grpc as pb_grpc
 
 AUTH = (("authorization", f"Bearer {API_KEY}"),)
 

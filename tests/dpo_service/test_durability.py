@@ -18,11 +18,13 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ServerThread, running_server, small_settings
-from dpo_service.checkpoint import LATEST_FILE, weights_digest
-from dpo_service.core import make_engine
+from dpo_service.engine.admission import make_engine
+from dpo_service.engine.preparation import prepare
+from dpo_service.engine.results import LossResult
 from dpo_service.errors import ServiceError
-from dpo_service.preprocess import prepare
-from dpo_service.schemas import LossRequest, LossResponse
+from dpo_service.schemas import LossRequest
+from dpo_service.state.files import weights_digest
+from dpo_service.state.format import LATEST_FILE
 from modern_llm.alignment.logprobs import LogpStrategy, PairTokens, pair_logps
 from modern_llm.models.transformer import ModernDecoderConfig, ModernDecoderLM
 from modern_llm.tokenizer import ByteTokenizer
@@ -124,13 +126,13 @@ def test_nan_forward_leaves_weights_and_optimizer_bit_identical() -> None:
         body = LossRequest.model_validate({"pairs": PAIRS, "train": True, "request_id": rid})
         return prepare(body, engine.bundle.tokenizer, engine.limits())  # type: ignore[union-attr]
 
-    assert isinstance(engine._run_train(request("warm-up")), LossResponse)  # optimizer state
+    assert isinstance(engine._train_one(request("warm-up")), LossResult)  # optimizer state
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     opt = optimizer.state_dict()
     opt_state = {p: {k: v.clone() for k, v in s.items()} for p, s in opt["state"].items()}
     hook = model.norm.register_forward_hook(lambda m, i, out: out * float("nan"))
     try:
-        result = engine._run_train(request("nan-1"))
+        result = engine._train_one(request("nan-1"))
     finally:
         hook.remove()
     assert isinstance(result, ServiceError) and "non-finite" in result.message
@@ -143,7 +145,7 @@ def test_nan_forward_leaves_weights_and_optimizer_bit_identical() -> None:
         assert all(torch.equal(v, after["state"][p][k]) for k, v in entries.items())
     assert all(p.grad is None for p in model.parameters())
     # the same request_id can be retried once the fault is gone
-    assert isinstance(engine._run_train(request("nan-1")), LossResponse)
+    assert isinstance(engine._train_one(request("nan-1")), LossResult)
     assert engine.version == 2
 
 

@@ -22,10 +22,11 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 
 from conftest import API_KEY, ServerThread, small_settings
-from dpo_service.core import make_core
-from dpo_service.grpc_api import SERVICE_NAME, start_grpc_server
-from dpo_service.grpc_gen import dpo_service_pb2 as pb
-from dpo_service.grpc_gen import dpo_service_pb2_grpc as pb_grpc
+from dpo_service.api.grpc.gen import dpo_service_pb2 as pb
+from dpo_service.api.grpc.gen import dpo_service_pb2_grpc as pb_grpc
+from dpo_service.api.grpc.server import start_grpc_server
+from dpo_service.api.grpc.servicer import SERVICE_NAME
+from dpo_service.engine.admission import make_admission
 
 ROOT = Path(__file__).resolve().parents[2]
 AUTH = (("authorization", f"Bearer {API_KEY}"),)
@@ -337,7 +338,7 @@ async def test_not_ready_is_unavailable_and_big_messages_are_exhausted() -> None
     """A gRPC listener whose model has not loaded: health NOT_SERVING, calls UNAVAILABLE with
     retry-after; a message over grpc_max_message_bytes is RESOURCE_EXHAUSTED (grpc itself)."""
     settings = small_settings(grpc_max_message_bytes=2048)
-    listener = await start_grpc_server(make_core(settings), settings)
+    listener = await start_grpc_server(make_admission(settings), settings)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{listener.port}") as ch:
             health = health_pb2_grpc.HealthStub(ch)
@@ -374,7 +375,7 @@ def test_committed_stubs_are_regenerated_identically(tmp_path: Path) -> None:
     if proc.returncode != 0 and "expected" in proc.stderr and not os.environ.get("CI"):
         pytest.skip(f"another grpcio-tools version: {proc.stderr.strip()}")
     assert proc.returncode == 0, proc.stderr
-    committed = ROOT / "service" / "dpo_service" / "grpc_gen"
+    committed = ROOT / "service" / "dpo_service" / "api" / "grpc" / "gen"
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == sorted(
         p.name for p in committed.iterdir() if p.is_file() and p.suffix in (".py", ".pyi")

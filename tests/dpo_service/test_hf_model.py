@@ -12,16 +12,17 @@ import torch
 pytest.importorskip("transformers")
 
 from conftest import API_KEY, running_server
-from dpo_service.hf_model import (
+from dpo_service.engine.forward import strategy_for
+from dpo_service.models.bundle import ModelBundle
+from dpo_service.models.hf import (
     HFCausalLM,
     HFTripleTokenizer,
     check_lm_head,
     load_hf_bundle,
     probe_custom_mask,
 )
-from dpo_service.model_loader import ModelBundle, builtin_config, load_bundle
+from dpo_service.models.loader import builtin_config, load_bundle
 from dpo_service.settings import Settings
-from dpo_service.training import strategy_for
 from modern_llm.alignment.dpo_loss import dpo_loss
 from modern_llm.alignment.logprobs import LogpStrategy, PairTokens, pair_logps
 

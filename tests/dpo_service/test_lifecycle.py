@@ -16,8 +16,8 @@ import httpx
 import pytest
 
 from conftest import running_server, small_settings
-from dpo_service.checkpoint import LATEST_FILE, CheckpointStore
-from dpo_service.core import make_engine
+from dpo_service.engine.admission import make_engine
+from dpo_service.state.store import LATEST_FILE, CheckpointStore
 from server_process import AUTH, ServerProcess
 
 pytestmark = pytest.mark.timeout(180)
@@ -138,7 +138,7 @@ def test_start_up_refuses_a_checkpoint_of_another_model(tmp_path: Path) -> None:
 def test_log_line_of_each_request_carries_its_request_id(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="dpo_service.http_api")
+    caplog.set_level(logging.INFO, logger="dpo_service.api.http")
     pairs = [{"prompt": "a", "chosen": "b", "rejected": "c"}]
     with running_server(enable_grpc=False) as srv, httpx.Client(base_url=srv.http_url) as c:
         by_header = c.post("/dpo/loss", json={"pairs": pairs}, headers={"X-Request-ID": "hdr-1"})

@@ -10,9 +10,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dpo_service.model_loader import ByteTripleTokenizer, ModelBundle
+from dpo_service.engine.forward import forward_logps, micro_batches, strategy_for
+from dpo_service.engine.train_state import TrainState
+from dpo_service.models.bundle import ByteTripleTokenizer, ModelBundle
 from dpo_service.settings import Settings
-from dpo_service.training import TrainState, forward_logps, micro_batches, strategy_for
 from modern_llm.alignment.logprobs import LogpStrategy, PairTokens, pair_logps
 from modern_llm.models.transformer import ModernDecoderConfig, ModernDecoderLM
 
@@ -87,7 +88,7 @@ def test_forward_logps_in_micro_batches_equals_one_pair_at_a_time(
     settings_ = Settings(max_batch_tokens=40, logp_strategy=strategy, logp_chunk_size=3)
     model = state.bundle.causal_lm
     with torch.inference_mode():
-        got = forward_logps(model, pairs, settings_, state)
+        got = forward_logps(model, pairs, settings_, state.bundle)
         for i, p in enumerate(pairs):
             one = pair_logps(model, [p], strategy=LogpStrategy.TWO_ROWS)
             torch.testing.assert_close(got.chosen[i], one.chosen[0], rtol=1e-5, atol=1e-5)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import running_server
-from dpo_service.model_loader import builtin_config, load_bundle, resolve_device
+from dpo_service.models.loader import builtin_config, load_bundle, resolve_device
 from modern_llm.models.transformer import ModernDecoderConfig, ModernDecoderLM
 
 PAIR = {"prompt": "Hi", "chosen": " hello", "rejected": " bye"}

@@ -13,11 +13,11 @@ import httpx
 import pytest
 
 from conftest import API_KEY, ServerThread, running_server
+from dpo_service.api.grpc.convert import request_from_dict, response_from_proto
+from dpo_service.api.grpc.gen import dpo_service_pb2 as pb
+from dpo_service.api.grpc.gen import dpo_service_pb2_grpc as pb_grpc
 from dpo_service.client import DpoClient, DpoClientError
 from dpo_service.errors import GRPC_STATUS, ErrorCode
-from dpo_service.grpc_convert import request_from_dict, response_from_proto
-from dpo_service.grpc_gen import dpo_service_pb2 as pb
-from dpo_service.grpc_gen import dpo_service_pb2_grpc as pb_grpc
 
 TEXT = [
     {"prompt": "Q: 2+2?", "chosen": " 4", "rejected": " five, probably"},

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dpo_service.errors import ErrorCode, ServiceError, invalid
-from dpo_service.model_loader import TripleTokenizer
+from dpo_service.models.bundle import TripleTokenizer
 from dpo_service.schemas import LossRequest, TextPair
 from modern_llm.alignment.dpo_loss import LossConfig
 from modern_llm.alignment.logprobs import PairTokens

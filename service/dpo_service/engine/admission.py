@@ -1,38 +1,33 @@
-"""Admission: what both protocol adapters do before and after the engine.
+"""Admission control: what every request goes through before the engine's queue.
 
-parse → authorize → prepare (tokenize + validate) → engine.submit. The HTTP and gRPC
-adapters only translate their wire format to a ``dict``/:class:`LossRequest` and map
-:class:`ServiceError` codes to their statuses, so both give identical numbers and the same
-error class for the same input.
+authorize (bearer key) → check the engine accepts work → prepare (tokenize + validate against
+the model's limits) → :meth:`Engine.submit`. :class:`Admission` is protocol-neutral: the HTTP
+and gRPC adapters validate their wire format into a :class:`LossRequest` (the one input type
+the engine reads; it never builds or persists a wire object), call it, and turn the
+:class:`LossResult` or :class:`ServiceError` into their protocol's answer, so both give
+identical numbers and the same error class for the same input.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
-import time
 from typing import Any
 
-from pydantic import ValidationError
-
-from dpo_service.engine import Engine
-from dpo_service.errors import ErrorCode, ServiceError, from_pydantic
-from dpo_service.model_loader import (
-    ModelBundle,
-    builtin_config,
-    load_bundle,
-    resolve_device,
-    resolve_dtype,
-)
-from dpo_service.preprocess import prepare
-from dpo_service.schemas import LossRequest, LossResponse
+from dpo_service.engine.engine import Engine
+from dpo_service.engine.preparation import prepare
+from dpo_service.engine.results import LossResult
+from dpo_service.errors import ErrorCode, ServiceError
+from dpo_service.models.bundle import ModelBundle
+from dpo_service.models.loader import builtin_config, load_bundle, resolve_device, resolve_dtype
+from dpo_service.schemas import LossRequest
 from dpo_service.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
-class Core:
-    """The protocol-neutral service: one per process, shared by both adapters."""
+class Admission:
+    """Admission control in front of the one :class:`Engine`, shared by both adapters."""
 
     def __init__(self, settings: Settings, engine: Engine) -> None:
         self.settings = settings
@@ -78,7 +73,7 @@ class Core:
 
     # ------------------------------------------------------------------ auth
     def authorize(self, presented: str | None, *, privileged: bool) -> None:
-        """Check a bearer key. ``privileged`` marks training/admin calls."""
+        """Check a bearer key (constant-time). ``privileged`` marks training/admin calls."""
         needs_key = privileged or self.settings.require_key_for_loss
         if self._key is None:
             if privileged and not self.settings.allow_unauthenticated_training:
@@ -96,49 +91,21 @@ class Core:
             raise ServiceError(ErrorCode.UNAUTHENTICATED, "missing or invalid API key")
 
     # ------------------------------------------------------------------ loss
-    @staticmethod
-    def parse(raw: dict[str, Any]) -> LossRequest:
-        try:
-            return LossRequest.model_validate(raw)
-        except ValidationError as exc:
-            raise from_pydantic(exc) from None
-
     async def compute(
         self,
         request: LossRequest,
         *,
         api_key: str | None,
-        protocol: str,
         timeout_s: float | None = None,
-    ) -> LossResponse:
+    ) -> LossResult:
         """Run one loss request end to end; raises :class:`ServiceError`."""
-        started = time.monotonic()
-        code = "ok"
-        tokens = 0
-        self.engine.events.in_flight.inc()
-        try:
-            self.authorize(api_key, privileged=request.train)
-            self.engine.check_accepting()
-            prepared = prepare(
-                request, self.engine.require_bundle().tokenizer, self.engine.limits()
-            )
-            tokens = prepared.num_tokens
-            timeout = self.settings.request_timeout_s
-            if timeout_s is not None:
-                timeout = min(timeout, timeout_s)
-            return await self.engine.submit(prepared, timeout_s=timeout)
-        except ServiceError as exc:
-            code = exc.code.value
-            raise
-        finally:
-            self.engine.events.in_flight.dec()
-            self.engine.events.on_request(
-                "compute_loss",
-                protocol,
-                code,
-                time.monotonic() - started,
-                tokens if code == "ok" else 0,
-            )
+        self.authorize(api_key, privileged=request.train)
+        self.engine.check_accepting()
+        prepared = prepare(request, self.engine.require_bundle().tokenizer, self.engine.limits())
+        timeout = self.settings.request_timeout_s
+        if timeout_s is not None:
+            timeout = min(timeout, timeout_s)
+        return await self.engine.submit(prepared, timeout_s=timeout)
 
 
 def make_engine(settings: Settings) -> Engine:
@@ -162,6 +129,6 @@ def make_engine(settings: Settings) -> Engine:
     return Engine(settings, factory)
 
 
-def make_core(settings: Settings) -> Core:
-    """The service core for ``settings`` (the model loads when its engine starts)."""
-    return Core(settings, make_engine(settings))
+def make_admission(settings: Settings) -> Admission:
+    """Admission control for ``settings`` (the model loads when its engine starts)."""
+    return Admission(settings, make_engine(settings))

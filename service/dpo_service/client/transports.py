@@ -15,15 +15,15 @@ from typing import Any, Protocol
 import grpc
 import httpx
 
-from dpo_service.errors import HTTP_STATUS, ErrorCode
-from dpo_service.grpc_convert import (
+from dpo_service.api.grpc.convert import (
     ERROR_CODE_FROM_PROTO,
     model_info_from_proto,
     request_from_dict,
     response_from_proto,
 )
-from dpo_service.grpc_gen import dpo_service_pb2 as pb
-from dpo_service.grpc_gen import dpo_service_pb2_grpc as pb_grpc
+from dpo_service.api.grpc.gen import dpo_service_pb2 as pb
+from dpo_service.api.grpc.gen import dpo_service_pb2_grpc as pb_grpc
+from dpo_service.errors import HTTP_STATUS, ErrorCode
 
 CHECKPOINT_PATH = "/admin/checkpoint"
 _HTTP_TO_CODE = {
@@ -33,7 +33,7 @@ _GRPC_TO_CODE: dict[grpc.StatusCode, ErrorCode] = {
     grpc.StatusCode.INVALID_ARGUMENT: ErrorCode.INVALID_ARGUMENT,
     grpc.StatusCode.OUT_OF_RANGE: ErrorCode.INVALID_ARGUMENT,
     grpc.StatusCode.UNAUTHENTICATED: ErrorCode.UNAUTHENTICATED,
-    grpc.StatusCode.PERMISSION_DENIED: ErrorCode.PERMISSION_DENIED,
+    grpc.StatusCode.PERMISSION_DENIED: ErrorCode.UNAUTHENTICATED,
     grpc.StatusCode.UNAVAILABLE: ErrorCode.UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED: ErrorCode.DEADLINE_EXCEEDED,
     grpc.StatusCode.ABORTED: ErrorCode.CONFLICT,

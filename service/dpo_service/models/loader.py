@@ -1,4 +1,4 @@
-"""Builds the model bundle the engine holds: model, tokenizer adapter and metadata.
+"""Loads the model bundle the engine holds (:class:`~dpo_service.models.bundle.ModelBundle`).
 
 ``DPO_MODEL`` selects the source:
 
@@ -6,66 +6,18 @@
   the byte tokenizer (no files needed);
 - a directory written by ``ModernDecoderLM.save_pretrained`` (config.json + model.safetensors),
   also with the byte tokenizer;
-- ``hf:/path``: a local transformers causal LM (see :mod:`dpo_service.hf_model`).
+- ``hf:/path``: a local transformers causal LM (see :mod:`dpo_service.models.hf`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import torch
 
-from modern_llm.alignment.logprobs import CausalLM, PairTokens
+from dpo_service.models.bundle import ByteTripleTokenizer, ModelBundle
 from modern_llm.models.transformer import ModernDecoderConfig, ModernDecoderLM
 from modern_llm.tokenizer import ByteTokenizer
-
-
-class TripleTokenizer(Protocol):
-    """Turns text triples into token ids the way the model was trained to see them."""
-
-    name: str
-    vocab_size: int
-    pad_id: int
-
-    def encode_triple(self, prompt: str, chosen: str, rejected: str) -> PairTokens: ...
-
-
-class ByteTripleTokenizer:
-    """TRL-style layout with the byte tokenizer: ``[BOS] prompt`` then ``response [EOS]``."""
-
-    def __init__(self) -> None:
-        self.inner = ByteTokenizer()
-        self.name = self.inner.name
-        self.vocab_size = self.inner.vocab_size
-        self.pad_id = self.inner.pad_id
-
-    def encode_triple(self, prompt: str, chosen: str, rejected: str) -> PairTokens:
-        return PairTokens(
-            prompt=self.inner.encode(prompt, add_bos=True),
-            chosen=self.inner.encode(chosen, add_eos=True) if chosen else [],
-            rejected=self.inner.encode(rejected, add_eos=True) if rejected else [],
-        )
-
-
-@dataclass
-class ModelBundle:
-    """What the engine owns."""
-
-    model: torch.nn.Module
-    tokenizer: TripleTokenizer
-    name: str
-    kind: str
-    vocab_size: int
-    max_seq_len: int
-    # False when the model cannot take an explicit attention mask: the engine then lays pairs
-    # out as TWO_ROWS instead of SHARED_PREFIX.
-    supports_custom_mask: bool = True
-
-    @property
-    def causal_lm(self) -> CausalLM:
-        return self.model  # type: ignore[return-value]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -106,7 +58,7 @@ def load_bundle(
 ) -> ModelBundle:
     """Load the model named by ``source`` onto ``device`` in ``dtype``."""
     if source.startswith("hf:"):
-        from dpo_service.hf_model import load_hf_bundle
+        from dpo_service.models.hf import load_hf_bundle
 
         return load_hf_bundle(Path(source[3:]), device=device, dtype=dtype)
     if source == "builtin":

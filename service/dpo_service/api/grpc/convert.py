@@ -16,8 +16,8 @@ from collections.abc import Mapping
 from enum import Enum
 from typing import Any
 
+from dpo_service.api.grpc.gen import dpo_service_pb2 as pb
 from dpo_service.errors import GRPC_STATUS, ErrorCode, ServiceError, invalid
-from dpo_service.grpc_gen import dpo_service_pb2 as pb
 
 LOSS_TYPE_TO_NAME: dict[pb.LossType, str] = {
     pb.LOSS_TYPE_SIGMOID: "sigmoid",
@@ -58,7 +58,7 @@ _REF_KEYS = ("reference_chosen_logp", "reference_rejected_logp")
 
 # ----------------------------------------------------------------------- server side
 def request_to_dict(msg: pb.ComputeLossRequest) -> dict[str, Any]:
-    """A ``ComputeLossRequest`` as the equivalent REST body (for ``Core.parse``)."""
+    """A ``ComputeLossRequest`` as the equivalent REST body (for ``Admission.parse``)."""
     pairs: list[dict[str, Any]] = []
     for i, pair in enumerate(msg.pairs):
         kind = pair.WhichOneof("input")

@@ -1,151 +1,61 @@
-"""Durable checkpoints: format, atomic write, validated load, pruning.
+"""The checkpoint store: atomic saves, verified loads, keep-K pruning, the directory lock.
 
-Layout of ``DPO_CHECKPOINT_DIR``::
-
-    LATEST                      name of the newest committed checkpoint (atomically replaced)
-    .lock                       held (flock) by the one server process that writes here
-    ckpt-000000000012/          one checkpoint per model version (12 optimizer steps)
-        model.safetensors       model weights (state_dict)
-        optimizer.safetensors   optimizer state tensors, keys ``state.<param>.<name>``
-        optimizer.json          param groups + non-tensor optimizer state
-        state.json              version, model config, tokenizer identity, dtype, extras
-        idempotency.json        recent train ``request_id`` → response, oldest first
-        manifest.json           sha256 + size of every file above, self-checksummed
-
-Nothing is ever pickled. A checkpoint is written into ``.tmp-ckpt-*``, every file and the
-directory are fsynced, the directory is renamed to ``ckpt-<version>``, the parent is fsynced,
-and only then ``LATEST`` is replaced (write, fsync, rename, fsync). A loader verifies every
-checksum and skips a truncated or corrupted checkpoint for the previous good one.
-
-This module only (de)serialises what it is given; the engine reads and writes the model.
+A checkpoint is written into ``.tmp-ckpt-*``, every file and the directory are fsynced, the
+directory is renamed to ``ckpt-<version>``, the parent is fsynced, and only then ``LATEST`` is
+replaced (write, fsync, rename, fsync). A loader verifies every checksum and skips a truncated
+or corrupted checkpoint for the previous good one. The format is in
+:mod:`dpo_service.state.format`; this module only (de)serialises what it is given (the engine
+reads and writes the model).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
-import re
 import shutil
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from dpo_service.checkpoint_io import (
+from dpo_service.state.files import (
     checkpoint_name,
     fsync_dir,
     fsync_file,
     join_optimizer_state,
-    model_config_of,
     sha256_file,
     split_optimizer_state,
-    tokenizer_identity,
+    unshared_tensors,
     weights_digest,
     write_json,
 )
+from dpo_service.state.format import (
+    FORMAT,
+    IDEMPOTENCY_FILE,
+    LATEST_FILE,
+    LOCK_FILE,
+    MANIFEST_FILE,
+    NAME_PATTERN,
+    OPTIM_META_FILE,
+    OPTIM_TENSORS_FILE,
+    REQUIRED_FILES,
+    STATE_FILE,
+    TMP_PREFIX,
+    WEIGHTS_FILE,
+    CheckpointCorrupt,
+    CheckpointError,
+    CheckpointInfo,
+    Snapshot,
+    check_compatible,
+    json_file,
+    manifest_digest,
+)
 
 log = logging.getLogger(__name__)
-
-__all__ = [
-    "CheckpointCorrupt",
-    "CheckpointError",
-    "CheckpointInfo",
-    "CheckpointMismatch",
-    "CheckpointStore",
-    "Snapshot",
-    "model_config_of",
-    "tokenizer_identity",
-    "weights_digest",
-]
-
-FORMAT = "dpo-service-checkpoint/1"
-WEIGHTS_FILE = "model.safetensors"
-OPTIM_TENSORS_FILE = "optimizer.safetensors"
-OPTIM_META_FILE = "optimizer.json"
-STATE_FILE = "state.json"
-IDEMPOTENCY_FILE = "idempotency.json"
-MANIFEST_FILE = "manifest.json"
-LATEST_FILE = "LATEST"
-LOCK_FILE = ".lock"
-REQUIRED_FILES = (WEIGHTS_FILE, OPTIM_TENSORS_FILE, OPTIM_META_FILE, STATE_FILE, IDEMPOTENCY_FILE)
-_NAME = re.compile(r"^ckpt-(\d{12})$")
-_TMP_PREFIX = ".tmp-ckpt-"
-# Config keys that only shape the initialisation, not the architecture.
-_INIT_ONLY_KEYS = frozenset({"seed", "init_std", "transformers_version", "_name_or_path"})
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory cannot be used."""
-
-
-class CheckpointCorrupt(CheckpointError):
-    """A checkpoint failed verification (truncated, corrupted, incomplete)."""
-
-
-class CheckpointMismatch(CheckpointError):
-    """A checkpoint was written for a different model or tokenizer."""
-
-
-@dataclass
-class Snapshot:
-    """Everything a checkpoint holds, as plain values and CPU-serialisable tensors."""
-
-    version: int
-    weights: dict[str, torch.Tensor]
-    optimizer: dict[str, Any]  # torch Optimizer.state_dict()
-    model_config: dict[str, Any]
-    tokenizer: dict[str, Any]
-    idempotency: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class CheckpointInfo:
-    """A written or verified checkpoint."""
-
-    version: int
-    path: Path
-    files: dict[str, str]  # file name → sha256
-    weights_sha256: str
-    created_unix: float
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "version": self.version,
-            "path": str(self.path),
-            "files": dict(self.files),
-            "weights_sha256": self.weights_sha256,
-            "created_unix": self.created_unix,
-        }
-
-
-def _manifest_digest(manifest: Mapping[str, Any]) -> str:
-    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-
-
-def _json_file(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointCorrupt(f"{path.name}: unreadable ({exc})") from exc
-
-
-def _config_diff(saved: Mapping[str, Any], live: Mapping[str, Any]) -> list[str]:
-    keys = (set(saved) | set(live)) - _INIT_ONLY_KEYS
-    return [
-        f"{k}: checkpoint {saved.get(k)!r} != loaded {live.get(k)!r}"
-        for k in sorted(keys)
-        if saved.get(k) != live.get(k)
-    ]
 
 
 # ---------------------------------------------------------------------- the store
@@ -187,7 +97,7 @@ class CheckpointStore:
         """Versions of the ``ckpt-*`` directories present, ascending (valid or not)."""
         if not self.root.is_dir():
             return []
-        found = (_NAME.match(p.name) for p in self.root.iterdir() if p.is_dir())
+        found = (NAME_PATTERN.match(p.name) for p in self.root.iterdir() if p.is_dir())
         return sorted(int(m.group(1)) for m in found if m)
 
     def latest_name(self) -> str | None:
@@ -197,7 +107,7 @@ class CheckpointStore:
             name = path.read_text("utf-8").strip()
         except (OSError, UnicodeDecodeError):
             return None
-        if not _NAME.match(name):
+        if not NAME_PATTERN.match(name):
             log.warning(
                 "checkpoint pointer %s holds %r, not a checkpoint name; ignored", path, name
             )
@@ -223,7 +133,7 @@ class CheckpointStore:
         """Write ``snap`` atomically as ``ckpt-<version>``, point LATEST at it, prune."""
         self.root.mkdir(parents=True, exist_ok=True)
         self._remove_temp_dirs()
-        tmp = self.root / f"{_TMP_PREFIX}{snap.version:012d}-{uuid.uuid4().hex[:8]}"
+        tmp = self.root / f"{TMP_PREFIX}{snap.version:012d}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
             info = self._write_files(tmp, snap)
@@ -243,7 +153,7 @@ class CheckpointStore:
         )
 
     def _write_files(self, tmp: Path, snap: Snapshot) -> CheckpointInfo:
-        weights = _unshared(snap.weights)
+        weights = unshared_tensors(snap.weights)
         save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         opt_tensors, opt_meta = split_optimizer_state(snap.optimizer)
         save_file(opt_tensors, str(tmp / OPTIM_TENSORS_FILE), metadata={"format": "pt"})
@@ -274,7 +184,7 @@ class CheckpointStore:
             "weights_sha256": digest,
             "files": files,
         }
-        manifest["manifest_sha256"] = _manifest_digest(manifest)
+        manifest["manifest_sha256"] = manifest_digest(manifest)
         write_json(tmp / MANIFEST_FILE, manifest)
         fsync_dir(tmp)
         return CheckpointInfo(
@@ -306,19 +216,19 @@ class CheckpointStore:
                 log.warning("could not remove old checkpoint %s: %s", path, exc)
 
     def _remove_temp_dirs(self) -> None:
-        for p in self.root.glob(f"{_TMP_PREFIX}*"):
+        for p in self.root.glob(f"{TMP_PREFIX}*"):
             shutil.rmtree(p, ignore_errors=True)
 
     # ------------------------------------------------------------- load
     def verify(self, path: Path) -> CheckpointInfo:
         """Check the manifest and every file's size and sha256; raise CheckpointCorrupt."""
-        m = _NAME.match(path.name)
+        m = NAME_PATTERN.match(path.name)
         if m is None or not path.is_dir():
             raise CheckpointCorrupt(f"{path} is not a checkpoint directory")
-        manifest = _json_file(path / MANIFEST_FILE)
+        manifest = json_file(path / MANIFEST_FILE)
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise CheckpointCorrupt(f"{MANIFEST_FILE}: not a {FORMAT} manifest")
-        if manifest.get("manifest_sha256") != _manifest_digest(manifest):
+        if manifest.get("manifest_sha256") != manifest_digest(manifest):
             raise CheckpointCorrupt(f"{MANIFEST_FILE}: checksum mismatch (edited or corrupted)")
         if manifest.get("version") != int(m.group(1)):
             raise CheckpointCorrupt(
@@ -358,9 +268,9 @@ class CheckpointStore:
             opt_tensors = load_file(str(path / OPTIM_TENSORS_FILE), device="cpu")
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointCorrupt(f"unreadable safetensors: {exc}") from exc
-        state = _json_file(path / STATE_FILE)
-        opt_meta = _json_file(path / OPTIM_META_FILE)
-        record = _json_file(path / IDEMPOTENCY_FILE)
+        state = json_file(path / STATE_FILE)
+        opt_meta = json_file(path / OPTIM_META_FILE)
+        record = json_file(path / IDEMPOTENCY_FILE)
         try:
             snap = Snapshot(
                 version=int(state["version"]),
@@ -408,44 +318,9 @@ class CheckpointStore:
             except CheckpointError as exc:
                 log.warning("skipping checkpoint %s: %s; trying the previous one", path, exc)
                 continue
-            self._check_compatible(path, snap, model_config, tokenizer)
+            check_compatible(path, snap, model_config, tokenizer)
             self._resumed = snap.version
             return snap, info
         if order:
             log.warning("no valid checkpoint in %s; starting from the initial weights", self.root)
         return None
-
-    @staticmethod
-    def _check_compatible(
-        path: Path,
-        snap: Snapshot,
-        model_config: Mapping[str, Any],
-        tokenizer: Mapping[str, Any],
-    ) -> None:
-        problems = _config_diff(snap.model_config, model_config)
-        for key in ("name", "vocab_size"):
-            if snap.tokenizer.get(key) != tokenizer.get(key):
-                problems.append(
-                    f"tokenizer {key}: checkpoint {snap.tokenizer.get(key)!r} != "
-                    f"loaded {tokenizer.get(key)!r}"
-                )
-        if problems:
-            raise CheckpointMismatch(
-                f"checkpoint {path} was written for a different model; refusing to resume "
-                f"({'; '.join(problems)}). Load the matching model or use another "
-                "DPO_CHECKPOINT_DIR."
-            )
-
-
-def _unshared(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """CPU, contiguous, and no two entries sharing storage (safetensors refuses shared ones)."""
-    out: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    for name, t in tensors.items():
-        t = t.detach().cpu().contiguous()
-        ptr = t.untyped_storage().data_ptr()
-        if ptr in seen:
-            t = t.clone()
-        seen.add(ptr)
-        out[name] = t
-    return out

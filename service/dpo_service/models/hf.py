@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dpo_service.model_loader import ModelBundle
+from dpo_service.models.bundle import ModelBundle
 from modern_llm.alignment.logprobs import PairTokens, shared_prefix_mask
 
 __all__ = ["HFCausalLM", "HFTripleTokenizer", "load_hf_bundle"]
@@ -61,7 +61,7 @@ def _transformers() -> Any:
 
 
 class HFTripleTokenizer:
-    """:class:`~dpo_service.model_loader.TripleTokenizer` over a ``transformers`` tokenizer."""
+    """:class:`~dpo_service.models.bundle.TripleTokenizer` over a ``transformers`` tokenizer."""
 
     def __init__(self, tokenizer: Any) -> None:
         self.inner = tokenizer

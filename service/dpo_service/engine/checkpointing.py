@@ -1,28 +1,22 @@
 """The engine's checkpointing: TrainState ↔ checkpoint snapshots, resume on load, saves.
 
 Everything here runs on the engine's worker thread (it reads and writes the model), called
-only by :class:`dpo_service.engine.Engine`.
+only by :class:`dpo_service.engine.engine.Engine`.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from dpo_service.checkpoint import (
-    CheckpointInfo,
-    CheckpointStore,
-    Snapshot,
-    model_config_of,
-    tokenizer_identity,
-    weights_digest,
-)
-from dpo_service.events import EngineEvents
-from dpo_service.schemas import LossResponse
-from dpo_service.training import TrainState
+from dpo_service.engine.events import EngineEvents
+from dpo_service.engine.results import LossResult
+from dpo_service.engine.train_state import IdempotencyMemory, TrainState
+from dpo_service.state.files import model_config_of, tokenizer_identity, weights_digest
+from dpo_service.state.format import CheckpointInfo, Snapshot
+from dpo_service.state.store import CheckpointStore
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +28,14 @@ def snapshot_state(state: TrainState) -> Snapshot:
     """What a checkpoint of ``state`` holds (tensors are the live ones: save before the next
     step touches them, i.e. on the worker thread)."""
     bundle = state.bundle
-    recent = list(state.completed.items())[-PERSISTED_REQUEST_IDS:]
+    recent = state.completed.recent(PERSISTED_REQUEST_IDS)
     return Snapshot(
         version=state.version,
         weights=bundle.model.state_dict(),
         optimizer=state.optimizer.state_dict(),
         model_config=model_config_of(bundle.model),
         tokenizer=tokenizer_identity(bundle.tokenizer),
-        idempotency=[(rid, r.model_dump(mode="json")) for rid, r in recent],
+        idempotency=[(rid, result.to_json()) for rid, result in recent],
         extra={
             "last_train_loss": state.last_train_loss,
             "dtype": str(next(bundle.model.parameters()).dtype),
@@ -71,12 +65,32 @@ def restore_state(state: TrainState, snap: Snapshot, info: CheckpointInfo) -> No
             if key in live:
                 group[key] = live[key]
     state.version = snap.version
-    state.completed = OrderedDict(
-        (rid, LossResponse.model_validate(body)) for rid, body in snap.idempotency
-    )
+    state.completed = restore_idempotency(snap.idempotency, str(info.path))
     loss = snap.extra.get("last_train_loss")
     state.last_train_loss = None if loss is None else float(loss)
     log.info("resumed from checkpoint %s (model version %d)", info.path, snap.version)
+
+
+def restore_idempotency(entries: list[tuple[str, dict[str, Any]]], where: str) -> IdempotencyMemory:
+    """The persisted idempotency record as memory. An entry this version cannot read (another
+    result schema, or malformed) is skipped with a log line: its request id is then no longer
+    deduplicated, which the log says; it never stops a resume."""
+    memory = IdempotencyMemory()
+    skipped = 0
+    for rid, body in entries:
+        try:
+            memory.remember(rid, LossResult.from_json(body))
+        except (ValueError, TypeError) as exc:
+            skipped += 1
+            log.warning("checkpoint %s: idempotency entry %r not restored: %s", where, rid, exc)
+    if skipped:
+        log.warning(
+            "checkpoint %s: %d remembered train request ids were skipped; retries of those ids "
+            "would apply a new step",
+            where,
+            skipped,
+        )
+    return memory
 
 
 class Checkpointer:
@@ -92,7 +106,7 @@ class Checkpointer:
         cls, directory: Path, keep: int, state: TrainState, events: EngineEvents
     ) -> Checkpointer:
         """Lock ``directory`` and resume ``state`` from its latest valid checkpoint, if any.
-        Raises :class:`~dpo_service.checkpoint.CheckpointError` (another process holds the
+        Raises :class:`~dpo_service.state.format.CheckpointError` (another process holds the
         directory, or the checkpoint is of another model)."""
         store = CheckpointStore(directory, keep=keep)
         store.lock()

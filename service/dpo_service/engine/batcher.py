@@ -23,15 +23,15 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
+from dpo_service.engine.events import EngineEvents
+from dpo_service.engine.preparation import PreparedRequest
+from dpo_service.engine.results import LossResult
 from dpo_service.errors import ErrorCode, ServiceError
-from dpo_service.events import EngineEvents
-from dpo_service.preprocess import PreparedRequest
-from dpo_service.schemas import LossResponse
 from dpo_service.settings import Settings
 
 log = logging.getLogger(__name__)
 
-Result = LossResponse | BaseException
+Result = LossResult | BaseException
 RunBatch = Callable[[list["Job"]], Awaitable[Sequence[Result]]]
 
 
@@ -40,7 +40,7 @@ class Job:
     """One admitted request and the future its caller waits on."""
 
     request: PreparedRequest
-    future: asyncio.Future[LossResponse]
+    future: asyncio.Future[LossResult]
     deadline: float | None
     enqueued_at: float = field(default_factory=time.monotonic)
     # "queued" → "started" (claimed by the worker) or "abandoned" (caller gave up); the lock
@@ -80,7 +80,7 @@ class Batcher:
         self._task: asyncio.Task[None] = asyncio.create_task(self._loop(), name="dpo-batcher")
 
     # ------------------------------------------------------------------ admission
-    async def submit(self, request: PreparedRequest, timeout: float) -> LossResponse:
+    async def submit(self, request: PreparedRequest, timeout: float) -> LossResult:
         """Queue ``request`` and wait for its result (at most ``timeout`` seconds)."""
         if self._queue.qsize() >= self.settings.max_queue:
             self.events.on_rejected_overload()

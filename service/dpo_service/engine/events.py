@@ -6,33 +6,9 @@ has its own registry so several servers in one process (tests) do not collide.
 
 from __future__ import annotations
 
-from contextvars import ContextVar
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-
-if TYPE_CHECKING:
-    from dpo_service.engine import Engine
-    from dpo_service.schemas import LossResponse
-
-
-@dataclass
-class RequestContext:
-    """The id of the request being served; adapters set it, log lines carry it. Mutable so an
-    endpoint can adopt the id the response echoes (body ``request_id`` or server-assigned)."""
-
-    request_id: str
-
-
-# Set per request by the HTTP middleware (and any adapter that wants its logs tagged).
-request_context: ContextVar[RequestContext | None] = ContextVar("dpo_request", default=None)
-
-
-def current_request_id() -> str | None:
-    ctx = request_context.get()
-    return None if ctx is None else ctx.request_id
-
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -42,7 +18,12 @@ class EngineEvents:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        r = self.registry
+        self._request_metrics(self.registry)
+        self._training_metrics(self.registry)
+        self._checkpoint_metrics(self.registry)
+
+    def _request_metrics(self, r: CollectorRegistry) -> None:
+        """Requests, latency, queueing and batching."""
         self.requests = Counter(
             "dpo_requests",
             "Requests by endpoint, protocol and result code.",
@@ -77,6 +58,9 @@ class EngineEvents:
         self.tokens = Counter("dpo_tokens", "Tokens processed.", registry=r)
         self.queue_depth = Gauge("dpo_queue_depth", "Requests waiting for the engine.", registry=r)
         self.in_flight = Gauge("dpo_in_flight", "Requests admitted and not finished.", registry=r)
+
+    def _training_metrics(self, r: CollectorRegistry) -> None:
+        """Optimizer steps, drops and the model version."""
         self.steps = Counter("dpo_optimizer_steps", "Optimizer steps applied.", registry=r)
         self.rejected_steps = Counter(
             "dpo_rejected_steps",
@@ -95,6 +79,9 @@ class EngineEvents:
         self.model_version = Gauge(
             "dpo_model_version", "Optimizer steps applied so far.", registry=r
         )
+
+    def _checkpoint_metrics(self, r: CollectorRegistry) -> None:
+        """Checkpoint writes."""
         self.checkpoints = Counter("dpo_checkpoints", "Checkpoints written.", registry=r)
         self.checkpoint_failures = Counter(
             "dpo_checkpoint_failures", "Checkpoint writes that failed.", registry=r
@@ -110,8 +97,8 @@ class EngineEvents:
         )
 
     # engine hooks ------------------------------------------------------------------------
-    def on_loaded(self, engine: Engine) -> None:
-        self.model_version.set(engine.version)
+    def on_loaded(self, version: int) -> None:
+        self.model_version.set(version)
 
     def on_queue_depth(self, depth: int) -> None:
         self.queue_depth.set(depth)
@@ -123,10 +110,10 @@ class EngineEvents:
         self.batch_requests.observe(requests)
         self.batch_pairs.observe(pairs)
 
-    def on_step(self, engine: Engine, response: LossResponse) -> None:
+    def on_step(self, version: int, loss: float) -> None:
         self.steps.inc()
-        self.last_train_loss.set(response.loss)
-        self.model_version.set(engine.version)
+        self.last_train_loss.set(loss)
+        self.model_version.set(version)
 
     def on_step_rejected(self) -> None:
         self.rejected_steps.inc()

@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from dpo_service.client_transports import (
+from dpo_service.client.transports import (
     DpoClientError,
     GrpcTransport,
     HttpTransport,

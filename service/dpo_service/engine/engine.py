@@ -2,7 +2,7 @@
 
 It owns the model, tokenizer, AdamW optimizer, the optional frozen reference copy and the
 model version (the number of optimizer steps applied). Requests reach it through
-:meth:`Engine.submit` and the :class:`~dpo_service.batcher.Batcher` (bounded queue, arrival
+:meth:`Engine.submit` and the :class:`~dpo_service.engine.batcher.Batcher` (bounded queue, arrival
 order); all model work runs on one worker thread, so concurrent requests never race.
 
 - Loss-only requests are coalesced into one forward pass, up to ``max_batch_tokens`` and
@@ -28,22 +28,20 @@ from typing import Any
 
 import torch
 
-from dpo_service.batcher import Batcher, Job
-from dpo_service.checkpoint import CheckpointInfo
-from dpo_service.durability import Checkpointer
+from dpo_service.engine.batcher import Batcher, Job
+from dpo_service.engine.checkpointing import Checkpointer
+from dpo_service.engine.events import EngineEvents
+from dpo_service.engine.forward import forward_logps
+from dpo_service.engine.losses import compute_loss, preference_inputs, rows_of
+from dpo_service.engine.preparation import Limits, PreparedRequest
+from dpo_service.engine.results import EngineInfo, LossResult, result_from
+from dpo_service.engine.train_state import TrainState
+from dpo_service.engine.train_step import NonFiniteStepError, run_train_step
 from dpo_service.errors import ErrorCode, ServiceError
-from dpo_service.events import EngineEvents
-from dpo_service.model_loader import ModelBundle
-from dpo_service.preprocess import Limits, PreparedRequest
-from dpo_service.schemas import LossResponse, ModelInfo
+from dpo_service.models.bundle import ModelBundle
 from dpo_service.settings import Settings
-from dpo_service.training import (
-    NonFiniteStepError,
-    TrainState,
-    build_response,
-    forward_logps,
-    run_train_step,
-)
+from dpo_service.state.format import CheckpointInfo
+from modern_llm.alignment.logprobs import SequenceLogps
 
 log = logging.getLogger(__name__)
 _SHUTTING_DOWN = ServiceError(ErrorCode.UNAVAILABLE, "the service is shutting down")
@@ -80,14 +78,14 @@ class Engine:
             )
         self.bundle = bundle
         self.state = state
-        self.events.on_loaded(self)
+        self.events.on_loaded(state.version)
 
     async def start(self) -> None:
         """Load on the worker thread, then start the batcher."""
         loop = asyncio.get_running_loop()
         if self.bundle is None:
             await loop.run_in_executor(self._executor, self.load)
-        self._batcher = Batcher(self.settings, self.events, self._run_on_worker)
+        self._batcher = Batcher(self.settings, self.events, self._on_worker)
         self.ready = True
         log.info(
             "engine ready: %s (version %d)", self.bundle.name if self.bundle else "?", self.version
@@ -140,10 +138,11 @@ class Engine:
             has_reference=self.state is not None and self.state.reference is not None,
         )
 
-    def info(self) -> ModelInfo:
+    def info(self) -> EngineInfo:
+        """What the engine holds (``GET /v1/model``, ``GetModelInfo``)."""
         bundle = self.require_bundle()
         param = next(bundle.model.parameters())
-        return ModelInfo(
+        return EngineInfo(
             name=bundle.name,
             kind=bundle.kind,
             parameters=sum(p.numel() for p in bundle.model.parameters()),
@@ -211,22 +210,24 @@ class Engine:
 
     async def submit(
         self, request: PreparedRequest, *, timeout_s: float | None = None
-    ) -> LossResponse:
+    ) -> LossResult:
         """Queue ``request``; wait for its result. Raises :class:`ServiceError`."""
         self.check_accepting()
         assert self._batcher is not None
         timeout = self.settings.request_timeout_s if timeout_s is None else timeout_s
         return await self._batcher.submit(request, timeout)
 
-    async def _run_on_worker(self, batch: list[Job]) -> list[LossResponse | BaseException]:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._run, batch)
+    async def _on_worker(self, batch: list[Job]) -> list[LossResult | BaseException]:
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, self._run_batch, batch
+        )
 
     # ----------------------------------------------------------------- worker thread
-    def _run(self, batch: list[Job]) -> list[LossResponse | BaseException]:
+    def _run_batch(self, batch: list[Job]) -> list[LossResult | BaseException]:
         """Runs on the worker thread: the only place model work happens."""
         assert self.state is not None
         live = [j for j in batch if j.claim()]
-        results: dict[int, LossResponse | BaseException] = {}
+        results: dict[int, LossResult | BaseException] = {}
         for j in batch:
             if j.state == "abandoned":
                 self.events.on_dropped("deadline")
@@ -234,17 +235,17 @@ class Engine:
                     ErrorCode.DEADLINE_EXCEEDED, "the deadline passed before the model was free"
                 )
         if live:
-            for j, r in zip(live, self._run_live(live), strict=True):
+            for j, r in zip(live, self._run_claimed(live), strict=True):
                 results[id(j)] = r
         return [results[id(j)] for j in batch]
 
-    def _run_live(self, batch: list[Job]) -> list[LossResponse | BaseException]:
+    def _run_claimed(self, batch: list[Job]) -> list[LossResult | BaseException]:
         assert self.state is not None
         self.events.on_batch(len(batch), sum(j.request.num_pairs for j in batch))
         if len(batch) == 1 and batch[0].request.train:
-            return [self._run_train(batch[0].request)]
+            return [self._train_one(batch[0].request)]
         try:
-            return self._run_loss(batch)
+            return self._compute_losses(batch)
         except ServiceError as exc:
             return [exc for _ in batch]
         except Exception as exc:
@@ -254,7 +255,7 @@ class Engine:
                 for _ in batch
             ]
 
-    def _run_train(self, request: PreparedRequest) -> LossResponse | BaseException:
+    def _train_one(self, request: PreparedRequest) -> LossResult | BaseException:
         assert self.state is not None
         before = self.state.version
         try:
@@ -269,7 +270,7 @@ class Engine:
             return ServiceError(ErrorCode.INTERNAL, f"train step failed: {type(exc).__name__}")
         if self.state.version == before:
             return response  # a retried request_id: nothing was applied
-        self.events.on_step(self, response)
+        self.events.on_step(self.state.version, response.loss)
         every = self.settings.checkpoint_every
         if self.checkpointer is not None and every > 0 and self.state.version % every == 0:
             try:
@@ -283,38 +284,41 @@ class Engine:
                 )
         return response
 
-    def _run_loss(self, batch: list[Job]) -> list[LossResponse | BaseException]:
+    def _compute_losses(self, batch: list[Job]) -> list[LossResult | BaseException]:
+        """One inference pass over a coalesced batch; each job gets its own rows back."""
         assert self.state is not None
+        state = self.state
         pairs = [p for j in batch for p in j.request.pairs]
-        frozen_needed = [j.request.reference == "frozen" for j in batch]
         with torch.inference_mode():
-            policy = forward_logps(self.state.bundle.causal_lm, pairs, self.settings, self.state)
+            policy = forward_logps(state.bundle.causal_lm, pairs, self.settings, state.bundle)
             reference = None
-            if any(frozen_needed):
-                assert self.state.reference is not None, "prepare() admits frozen only with a copy"
-                reference = forward_logps(self.state.reference, pairs, self.settings, self.state)
-        results: list[LossResponse | BaseException] = []
+            if any(j.request.reference == "frozen" for j in batch):
+                assert state.reference is not None, "prepare() admits frozen only with a copy"
+                reference = forward_logps(state.reference, pairs, self.settings, state.bundle)
+        results: list[LossResult | BaseException] = []
         start = 0
-        version = self.state.version
         for job in batch:
-            n = job.request.num_pairs
-            rows = slice(start, start + n)
-            start += n
+            rows = slice(start, start + job.request.num_pairs)
+            start = rows.stop
             try:
-                results.append(
-                    build_response(
-                        job.request, policy, reference, rows, version, request_id=_rid(job)
-                    )
-                )
+                results.append(self._result_of_rows(job.request, policy, reference, rows))
             except ServiceError as exc:
                 results.append(exc)
         return results
 
-
-def _rid(job: Job) -> str:
-    return job.request.request_id or uuid.uuid4().hex
-
-
-def describe(engine: Engine) -> dict[str, Any]:
-    """Small status dict for logs and the readiness endpoint."""
-    return {"ready": engine.ready, "draining": engine.draining, "version": engine.version}
+    def _result_of_rows(
+        self,
+        request: PreparedRequest,
+        policy: SequenceLogps,
+        reference: SequenceLogps | None,
+        rows: slice,
+    ) -> LossResult:
+        """Loss-only result for the ``rows`` of a coalesced batch that belong to ``request``."""
+        inputs = preference_inputs(
+            request,
+            rows_of(policy, rows),
+            None if reference is None else rows_of(reference, rows),
+            range(request.num_pairs),
+        )
+        request_id = request.request_id or uuid.uuid4().hex
+        return result_from(request, inputs, compute_loss(request, inputs), self.version, request_id)

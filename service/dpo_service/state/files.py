@@ -108,3 +108,17 @@ def write_json(path: Path, value: Any) -> None:
         json.dump(value, fh, sort_keys=True)
         fh.flush()
         os.fsync(fh.fileno())
+
+
+def unshared_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU, contiguous, and no two entries sharing storage (safetensors refuses shared ones)."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, t in tensors.items():
+        t = t.detach().cpu().contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen:
+            t = t.clone()
+        seen.add(ptr)
+        out[name] = t
+    return out

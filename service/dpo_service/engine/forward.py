@@ -1,0 +1,109 @@
+"""Forward passes for log-probs: the layout choice and length-sorted micro-batches.
+
+Called only on the engine's worker thread (:mod:`dpo_service.engine.engine`,
+:mod:`dpo_service.engine.train_step`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from dpo_service.models.bundle import ModelBundle
+from dpo_service.settings import LogpStrategyName, Settings
+from modern_llm.alignment.logprobs import (
+    CausalLM,
+    LogpStrategy,
+    PairTokens,
+    SequenceLogps,
+    pair_logps,
+)
+
+#: Fixed cost of one more forward pass, in padded positions (Python and kernel overhead).
+GROUP_OVERHEAD_TOKENS = {"cpu": 64, "cuda": 2048}
+
+
+def strategy_for(settings: Settings, bundle: ModelBundle | None = None) -> LogpStrategy:
+    """The configured layout; TWO_ROWS when ``bundle`` cannot take an explicit mask.
+
+    ``auto`` is passed through: :func:`pair_logps` then picks per call, ``PREFIX_CACHE`` for
+    loss-only work on a model that supports it (prompt once, KV cache reused by both responses)
+    and ``SHARED_PREFIX`` when gradients are needed (one row, exact two-row gradients).
+    """
+    if bundle is not None and not bundle.supports_custom_mask:
+        return LogpStrategy.TWO_ROWS
+    return LogpStrategy(LogpStrategyName(settings.logp_strategy).value)
+
+
+def micro_batches(
+    pairs: Sequence[PairTokens], budget: int, *, overhead: int = GROUP_OVERHEAD_TOKENS["cpu"]
+) -> list[list[int]]:
+    """Indices of ``pairs`` sorted by length and cut into micro-batches.
+
+    A micro-batch is a run of the length-sorted pairs whose padded size (members × longest
+    shared-prefix row, prompt + chosen + rejected) stays within ``budget``; a pair longer than
+    the budget gets one of its own. Among those cuts, the one with the fewest padded positions
+    plus ``overhead`` per micro-batch is chosen (exact dynamic programme over the sorted order),
+    so mixed lengths are split where padding would cost more than another pass.
+    """
+    lengths = [len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs]
+    order = sorted(range(len(pairs)), key=lengths.__getitem__)
+    n = len(order)
+    sorted_len = np.array([lengths[i] for i in order], dtype=np.float64)
+    best = np.zeros(n + 1)  # best[i]: cost of the first i sorted pairs
+    start = np.zeros(n + 1, dtype=np.int64)  # start[i]: first member of the group ending at i
+    for i in range(1, n + 1):
+        longest = sorted_len[i - 1]  # ascending: the last member sets the padded length
+        lo = max(0, i - max(1, int(budget // longest)))
+        members = np.arange(i - lo, 0, -1)  # group sizes for starts lo..i-1
+        cost = best[lo:i] + members * longest + overhead
+        k = int(np.argmin(cost))  # first minimum: the largest group among equals
+        best[i], start[i] = cost[k], lo + k
+    groups: list[list[int]] = []
+    end = n
+    while end > 0:
+        groups.append(order[int(start[end]) : end])
+        end = int(start[end])
+    return groups[::-1]
+
+
+def _concat(parts: list[tuple[list[int], SequenceLogps]], n: int) -> SequenceLogps:
+    """Micro-batch log-probs back in the original pair order."""
+    device = parts[0][1].chosen.device
+    out = SequenceLogps(
+        chosen=torch.empty(n, dtype=torch.float32, device=device),
+        rejected=torch.empty(n, dtype=torch.float32, device=device),
+        chosen_tokens=torch.empty(n, dtype=torch.long, device=device),
+        rejected_tokens=torch.empty(n, dtype=torch.long, device=device),
+    )
+    for idx, part in parts:
+        index = torch.tensor(idx, device=device)
+        out.chosen[index] = part.chosen.float()
+        out.rejected[index] = part.rejected.float()
+        out.chosen_tokens[index] = part.chosen_tokens
+        out.rejected_tokens[index] = part.rejected_tokens
+    return out
+
+
+def forward_logps(
+    model: CausalLM, pairs: Sequence[PairTokens], settings: Settings, bundle: ModelBundle
+) -> SequenceLogps:
+    """Response log-probs of ``pairs`` under ``model`` (the policy or the frozen reference of
+    ``bundle``), in length-sorted micro-batches (see :func:`micro_batches`). Call it under
+    ``inference_mode``: it is the loss-only and reference path."""
+    device = model.lm_head_weight.device
+    overhead = GROUP_OVERHEAD_TOKENS.get(device.type, GROUP_OVERHEAD_TOKENS["cuda"])
+    strategy = strategy_for(settings, bundle)
+    parts = []
+    for group in micro_batches(pairs, settings.max_batch_tokens, overhead=overhead):
+        logps = pair_logps(
+            model,
+            [pairs[i] for i in group],
+            strategy=strategy,
+            chunk_size=settings.logp_chunk_size,
+            pad_id=bundle.tokenizer.pad_id,
+        )
+        parts.append((group, logps))
+    return _concat(parts, len(pairs))

@@ -1,0 +1,2 @@
+"""What the engine holds: the model bundle type, the built-in loader and the Hugging Face
+adapter."""
