@@ -13,7 +13,7 @@ from typing import Any
 
 from dpo_service.engine.events import EngineEvents
 from dpo_service.engine.results import LossResult
-from dpo_service.engine.train_state import IdempotencyMemory, TrainState
+from dpo_service.engine.train_state import IdempotencyMemory, Remembered, TrainState
 from dpo_service.state.files import model_config_of, tokenizer_identity, weights_digest
 from dpo_service.state.format import CheckpointInfo, Snapshot
 from dpo_service.state.store import CheckpointStore
@@ -35,7 +35,7 @@ def snapshot_state(state: TrainState) -> Snapshot:
         optimizer=state.optimizer.state_dict(),
         model_config=model_config_of(bundle.model),
         tokenizer=tokenizer_identity(bundle.tokenizer),
-        idempotency=[(rid, result.to_json()) for rid, result in recent],
+        idempotency=[(rid, _entry_json(entry)) for rid, entry in recent],
         extra={
             "last_train_loss": state.last_train_loss,
             "dtype": str(next(bundle.model.parameters()).dtype),
@@ -71,6 +71,14 @@ def restore_state(state: TrainState, snap: Snapshot, info: CheckpointInfo) -> No
     log.info("resumed from checkpoint %s (model version %d)", info.path, snap.version)
 
 
+def _entry_json(entry: Remembered) -> dict[str, Any]:
+    """A remembered step as persisted: the result's versioned JSON plus the request digest."""
+    data = entry.result.to_json()
+    if entry.digest is not None:
+        data["request_digest"] = entry.digest
+    return data
+
+
 def restore_idempotency(entries: list[tuple[str, dict[str, Any]]], where: str) -> IdempotencyMemory:
     """The persisted idempotency record as memory. An entry this version cannot read (another
     result schema, or malformed) is skipped with a log line: its request id is then no longer
@@ -79,7 +87,8 @@ def restore_idempotency(entries: list[tuple[str, dict[str, Any]]], where: str) -
     skipped = 0
     for rid, body in entries:
         try:
-            memory.remember(rid, LossResult.from_json(body))
+            digest = body.get("request_digest") if isinstance(body, dict) else None
+            memory.remember(rid, LossResult.from_json(body), digest)
         except (ValueError, TypeError) as exc:
             skipped += 1
             log.warning("checkpoint %s: idempotency entry %r not restored: %s", where, rid, exc)

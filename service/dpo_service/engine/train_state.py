@@ -19,18 +19,32 @@ from modern_llm.alignment.logprobs import CausalLM
 IDEMPOTENCY_CACHE_SIZE = 4096
 
 
+@dataclass(frozen=True)
+class Remembered:
+    """One remembered train step: its result and the digest of the request that applied it
+    (None for entries restored from a record that had none)."""
+
+    result: LossResult
+    digest: str | None = None
+
+
 class IdempotencyMemory:
-    """``request_id`` → the result of the step it applied, oldest first, bounded."""
+    """``request_id`` → the step it applied (:class:`Remembered`), oldest first, bounded."""
 
     def __init__(self, capacity: int = IDEMPOTENCY_CACHE_SIZE) -> None:
         self.capacity = capacity
-        self._entries: OrderedDict[str, LossResult] = OrderedDict()
+        self._entries: OrderedDict[str, Remembered] = OrderedDict()
 
     def get(self, request_id: str) -> LossResult | None:
+        """The remembered result of ``request_id``, if any."""
+        entry = self._entries.get(request_id)
+        return None if entry is None else entry.result
+
+    def entry(self, request_id: str) -> Remembered | None:
         return self._entries.get(request_id)
 
     def __getitem__(self, request_id: str) -> LossResult:
-        return self._entries[request_id]
+        return self._entries[request_id].result
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, IdempotencyMemory):
@@ -45,12 +59,12 @@ class IdempotencyMemory:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def remember(self, request_id: str, result: LossResult) -> None:
-        self._entries[request_id] = result
+    def remember(self, request_id: str, result: LossResult, digest: str | None = None) -> None:
+        self._entries[request_id] = Remembered(result, digest)
         while len(self._entries) > self.capacity:
             self._entries.popitem(last=False)
 
-    def recent(self, n: int) -> list[tuple[str, LossResult]]:
+    def recent(self, n: int) -> list[tuple[str, Remembered]]:
         """The ``n`` newest entries, oldest first."""
         return list(self._entries.items())[-n:] if n > 0 else []
 
