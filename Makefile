@@ -1,8 +1,10 @@
-# Verbs: dev (install), proto (regenerate stubs), lint, test, check (lint + test), serve, bench.
+# Verbs: dev (install), proto (regenerate stubs), lint, test, check (lint + test), serve, bench,
+# bench-precision (fp32 vs bf16 autocast), gpu-check (CUDA tests + precision bench on a GPU).
 PY := .venv/bin/python
 export PYTHONHASHSEED := 0
 
-.PHONY: dev proto proto-check buf-lint compose-check lint test test-fast check serve bench
+.PHONY: dev proto proto-check buf-lint compose-check lint test test-fast check serve bench \
+	bench-precision gpu-check
 
 dev:
 	bash scripts/setup.sh
@@ -37,3 +39,9 @@ serve:
 
 bench:
 	$(PY) bench/run.py
+
+bench-precision:
+	$(PY) bench/precision.py
+
+gpu-check:
+	bash bench/gpu_check.sh

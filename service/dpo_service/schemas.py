@@ -140,16 +140,66 @@ class LossResponse(BaseModel):
     )
 
 
+class ModelMemory(BaseModel):
+    """Bytes the service holds for its model; maps are keyed by dtype name."""
+
+    weights_bytes: dict[str, int] = Field(
+        ..., description="The served model's parameters and buffers, by dtype."
+    )
+    master_copy_bytes: int = Field(
+        ..., description="A separate master copy: 0, the float32 parameters are the master."
+    )
+    optimizer_state_bytes: dict[str, int] = Field(
+        ..., description="AdamW state held now, by dtype (empty until the first step)."
+    )
+    optimizer_state_bytes_after_step: int = Field(
+        ..., description="AdamW state once it has stepped (two moments + a step counter)."
+    )
+    gradient_bytes: int = Field(
+        ..., description="Gradients a train step holds while it runs (released after)."
+    )
+    rollback_snapshot_bytes: int = Field(
+        ..., description='Host copy held during a step with step_rollback "snapshot" (else 0).'
+    )
+    reference_bytes: dict[str, int] = Field(
+        ..., description="The frozen reference copy, by dtype (empty without one)."
+    )
+    total_bytes: int = Field(
+        ..., description="Held now between steps: weights + optimizer state + reference."
+    )
+
+
 class ModelInfo(BaseModel):
-    """``GET /v1/model``."""
+    """``GET /v1/model``: the model, the precision policy and its memory."""
 
     name: str
     kind: str = Field(..., description="builtin, modern_llm or hf.")
     parameters: int
     vocab_size: int
     max_seq_len: int
-    dtype: str
+    dtype: str = Field(..., description="DPO_DTYPE, the compute dtype (= compute_dtype).")
     device: str
     model_version: int
     tokenizer: str
     reference: bool = Field(..., description="Whether a frozen reference copy is kept.")
+    compute_dtype: str = Field(
+        ..., description="Dtype of the forward and backward passes (autocast when not float32)."
+    )
+    param_dtype: str = Field(
+        ..., description="Dtype of the trainable parameters (the master weights AdamW updates)."
+    )
+    optimizer_state_dtype: str = Field(..., description="Dtype of AdamW's moments.")
+    reduction_dtype: str = Field(
+        ..., description="Dtype of log-sum-exp, the sum over response tokens and the loss."
+    )
+    reference_dtype: str | None = Field(
+        ..., description="Dtype of the frozen reference's linear layers; null without one."
+    )
+    autocast: bool = Field(..., description="Whether the passes run under torch.autocast.")
+    loss_scale: float | None = Field(
+        ..., description="Current dynamic loss scale of float16 training; null otherwise."
+    )
+    step_rollback: str = Field(
+        ..., description="How a non-finite optimizer update is kept out: verify or snapshot."
+    )
+    memory: ModelMemory

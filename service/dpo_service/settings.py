@@ -13,6 +13,13 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+class StepRollback(str, Enum):
+    """How a non-finite optimizer update is kept out of the model (``DPO_STEP_ROLLBACK``)."""
+
+    VERIFY = "verify"
+    SNAPSHOT = "snapshot"
+
+
 class LogpStrategyName(str, Enum):
     """How chosen and rejected share the prompt in the forward pass."""
 
@@ -49,7 +56,14 @@ class Settings(BaseSettings):
     device: str = Field(
         "auto", description="`auto` (CUDA when present, else CPU), `cpu`, `cuda`, `cuda:N`."
     )
-    dtype: str = Field("float32", description="Weight dtype: float32, bfloat16 or float16.")
+    dtype: str = Field(
+        "float32",
+        description=(
+            "Compute dtype: float32, bfloat16 or float16. Half dtypes run the forward and "
+            "backward passes under `torch.autocast`; trainable weights and AdamW state stay "
+            "float32, log-prob sums and losses are float32 (see Precision)."
+        ),
+    )
     seed: int = Field(0, description="Seed of the built-in model's initialisation.")
     builtin_d_model: int = Field(256, gt=0, description="Built-in model: hidden size.")
     builtin_layers: int = Field(4, gt=0, description="Built-in model: decoder layers.")
@@ -66,6 +80,18 @@ class Settings(BaseSettings):
     adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
     adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping threshold (L2 norm).")
+
+    # --- precision (see README "Precision") ----------------------------------------------
+    step_rollback: StepRollback = Field(
+        StepRollback.VERIFY,
+        description=(
+            "How a train step that would leave a non-finite weight is kept out: `verify` "
+            "(AdamW's update is first computed on copies, one tensor at a time, and checked; "
+            "no extra memory beyond one tensor) or `snapshot` (a host-memory copy of the "
+            "trainable weights and optimizer state is held during each step and restored if "
+            "the post-step check fails: 12 bytes per trainable parameter)."
+        ),
+    )
 
     # --- compute -------------------------------------------------------------------------
     logp_strategy: LogpStrategyName = Field(

@@ -26,7 +26,7 @@ import random
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, TypeVar
 
 import grpc
@@ -86,8 +86,28 @@ class LossResult:
 
 
 @dataclass(frozen=True)
+class ModelMemory:
+    """Bytes the server holds for its model (maps keyed by dtype name; see the README's
+    Precision section for each field)."""
+
+    weights_bytes: dict[str, int]
+    master_copy_bytes: int
+    optimizer_state_bytes: dict[str, int]
+    optimizer_state_bytes_after_step: int
+    gradient_bytes: int
+    rollback_snapshot_bytes: int
+    reference_bytes: dict[str, int]
+    total_bytes: int
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelMemory:
+        return cls(**{f.name: data[f.name] for f in fields(cls)})
+
+
+@dataclass(frozen=True)
 class ModelInfo:
-    """The model the server holds (``GET /v1/model`` / ``GetModelInfo``)."""
+    """The model the server holds (``GET /v1/model`` / ``GetModelInfo``), its precision
+    policy (``dtype`` is the compute dtype) and the memory it takes."""
 
     name: str
     kind: str
@@ -99,10 +119,25 @@ class ModelInfo:
     model_version: int
     tokenizer: str
     reference: bool
+    compute_dtype: str | None = None
+    param_dtype: str | None = None
+    optimizer_state_dtype: str | None = None
+    reduction_dtype: str | None = None
+    reference_dtype: str | None = None
+    autocast: bool | None = None
+    loss_scale: float | None = None
+    step_rollback: str | None = None
+    memory: ModelMemory | None = None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModelInfo:
-        return cls(**{f.name: data[f.name] for f in fields(cls)})
+        # the precision fields (default None) are absent from a server older than them
+        values: dict[str, Any] = {
+            f.name: data[f.name] if f.default is MISSING else data.get(f.name) for f in fields(cls)
+        }
+        if values["memory"] is not None:
+            values["memory"] = ModelMemory.from_dict(values["memory"])
+        return cls(**values)
 
 
 @dataclass(frozen=True)

@@ -139,20 +139,25 @@ class Engine:
         )
 
     def info(self) -> EngineInfo:
-        """What the engine holds (``GET /v1/model``, ``GetModelInfo``)."""
-        bundle = self.require_bundle()
+        """What the engine holds (``GET /v1/model``, ``GetModelInfo``), with the precision
+        policy and the bytes it holds (:meth:`TrainState.precision`)."""
+        bundle, state = self.require_bundle(), self.state
+        if state is None:
+            raise ServiceError(ErrorCode.UNAVAILABLE, "the model is not loaded yet")
         param = next(bundle.model.parameters())
+        precision = state.precision()
         return EngineInfo(
             name=bundle.name,
             kind=bundle.kind,
             parameters=sum(p.numel() for p in bundle.model.parameters()),
             vocab_size=bundle.vocab_size,
             max_seq_len=bundle.max_seq_len,
-            dtype=str(param.dtype).removeprefix("torch."),
+            dtype=precision["compute_dtype"],
             device=str(param.device),
             model_version=self.version,
             tokenizer=bundle.tokenizer.name,
-            reference=self.state is not None and self.state.reference is not None,
+            reference=state.reference is not None,
+            **precision,
         )
 
     def require_bundle(self) -> ModelBundle:

@@ -1,6 +1,7 @@
 """Forward passes for log-probs: the layout choice and length-sorted micro-batches.
 
-Called only on the engine's worker thread (:mod:`dpo_service.engine.engine`,
+Every pass runs in the compute dtype (:mod:`dpo_service.engine.precision`). Called only on
+the engine's worker thread (:mod:`dpo_service.engine.engine`,
 :mod:`dpo_service.engine.train_step`).
 """
 
@@ -11,6 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from dpo_service.engine.precision import autocast, compute_dtype_of
 from dpo_service.models.bundle import ModelBundle
 from dpo_service.settings import LogpStrategyName, Settings
 from modern_llm.alignment.logprobs import (
@@ -91,19 +93,21 @@ def forward_logps(
     model: CausalLM, pairs: Sequence[PairTokens], settings: Settings, bundle: ModelBundle
 ) -> SequenceLogps:
     """Response log-probs of ``pairs`` under ``model`` (the policy or the frozen reference of
-    ``bundle``), in length-sorted micro-batches (see :func:`micro_batches`). Call it under
+    ``bundle``), in length-sorted micro-batches (see :func:`micro_batches`), computed in the
+    compute dtype ``DPO_DTYPE`` (autocast; the sums are float32). Call it under
     ``inference_mode``: it is the loss-only and reference path."""
     device = model.lm_head_weight.device
     overhead = GROUP_OVERHEAD_TOKENS.get(device.type, GROUP_OVERHEAD_TOKENS["cuda"])
     strategy = strategy_for(settings, bundle)
     parts = []
     for group in micro_batches(pairs, settings.max_batch_tokens, overhead=overhead):
-        logps = pair_logps(
-            model,
-            [pairs[i] for i in group],
-            strategy=strategy,
-            chunk_size=settings.logp_chunk_size,
-            pad_id=bundle.tokenizer.pad_id,
-        )
+        with autocast(device, compute_dtype_of(settings.dtype)):
+            logps = pair_logps(
+                model,
+                [pairs[i] for i in group],
+                strategy=strategy,
+                chunk_size=settings.logp_chunk_size,
+                pad_id=bundle.tokenizer.pad_id,
+            )
         parts.append((group, logps))
     return _concat(parts, len(pairs))

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from dpo_service.engine.precision import MemoryReport
 from dpo_service.engine.preparation import PreparedRequest
 from dpo_service.errors import ErrorCode, ServiceError
 from modern_llm.alignment.dpo_loss import LossOutput, PreferenceLogps, dpo_metrics
@@ -136,18 +137,28 @@ def result_from(
 
 @dataclass(frozen=True)
 class EngineInfo:
-    """What the engine holds (``schemas.ModelInfo`` has the same fields)."""
+    """What the engine holds (``schemas.ModelInfo`` has the same fields): the model, and the
+    precision policy with the memory it takes (:mod:`dpo_service.engine.precision`)."""
 
     name: str
     kind: str
     parameters: int
     vocab_size: int
     max_seq_len: int
-    dtype: str
+    dtype: str  # DPO_DTYPE, the compute dtype (= compute_dtype)
     device: str
     model_version: int
     tokenizer: str
     reference: bool
+    compute_dtype: str
+    param_dtype: str
+    optimizer_state_dtype: str
+    reduction_dtype: str
+    reference_dtype: str | None
+    autocast: bool
+    loss_scale: float | None
+    step_rollback: str
+    memory: MemoryReport
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

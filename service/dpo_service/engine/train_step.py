@@ -5,9 +5,18 @@
 3. :func:`accumulate_gradients`: length-sorted micro-batches under ``max_batch_tokens``,
    each with its reference pass (when the frozen copy is used), loss and backward; every loss
    is a mean of per-pair terms, so the accumulated gradient is that of the whole batch;
-4. :func:`clip_and_check`: gradient clipping, then nothing is applied when the loss, a
-   statistic or the gradient norm is not finite (:class:`NonFiniteStepError`);
-5. the optimizer step, the version bump, and the result remembered under its ``request_id``.
+4. :func:`clip_and_check`: gradient clipping (after unscaling, with float16 loss scaling),
+   then nothing is applied when the loss, a statistic or the gradient norm is not finite
+   (:class:`NonFiniteStepError`);
+5. :func:`apply_update`: the optimizer step, guarded so that no acknowledged step leaves a
+   non-finite weight or moment (:mod:`dpo_service.engine.step_guard`);
+6. the version bump, and the result remembered under its ``request_id``.
+
+Precision (:mod:`dpo_service.engine.precision`): the forward passes run under autocast in the
+compute dtype, the loss and backward outside it on float32 log-probs; the parameters AdamW
+updates are float32. With float16 compute the loss is scaled (``state.scaler``) before
+backward and the gradients unscaled before clipping; a step whose gradients overflowed is not
+applied and its message says so (the scale is halved for the next step).
 """
 
 from __future__ import annotations
@@ -25,16 +34,29 @@ from dpo_service.engine.losses import (
     merge_parts,
     preference_inputs,
 )
+from dpo_service.engine.precision import autocast
 from dpo_service.engine.preparation import PreparedRequest
 from dpo_service.engine.results import LossResult, all_finite, result_from
+from dpo_service.engine.step_guard import StepSnapshot, dry_run, updated_finite
 from dpo_service.engine.train_state import TrainState
 from dpo_service.errors import ErrorCode, ServiceError
-from dpo_service.settings import Settings
+from dpo_service.settings import Settings, StepRollback
 from modern_llm.alignment.logprobs import PairTokens, SequenceLogps, pair_logps
 
 
 class NonFiniteStepError(ServiceError):
-    """A train step whose loss, rewards or gradients are not finite (nothing was applied)."""
+    """A train step whose loss, rewards, gradients or update are not finite (nothing was
+    applied; counted in ``dpo_rejected_steps_total``)."""
+
+
+def check_not_halted(state: TrainState) -> None:
+    """Training stopped after a post-step check failed with nothing to restore."""
+    if state.halted is not None:
+        raise ServiceError(
+            ErrorCode.UNAVAILABLE,
+            f"training is stopped: {state.halted}; restart the service (it resumes the last "
+            "checkpoint)",
+        )
 
 
 def replayed(state: TrainState, request: PreparedRequest) -> LossResult | None:
@@ -73,26 +95,36 @@ def accumulate_gradients(
     for group in micro_batches(request.pairs, settings.max_batch_tokens):
         sub = [request.pairs[i] for i in group]
         ref = _reference_logps(state, sub, settings) if request.reference == "frozen" else None
-        logps = pair_logps(
-            state.bundle.causal_lm,
-            sub,
-            strategy=strategy_for(settings, state.bundle),
-            chunk_size=settings.logp_chunk_size,
-            pad_id=state.bundle.tokenizer.pad_id,
-        )
-        inputs = preference_inputs(request, logps, ref, group)
+        model = state.bundle.causal_lm
+        with autocast(model.lm_head_weight.device, state.compute_dtype):
+            logps = pair_logps(
+                model,
+                sub,
+                strategy=strategy_for(settings, state.bundle),
+                chunk_size=settings.logp_chunk_size,
+                pad_id=state.bundle.tokenizer.pad_id,
+            )
+        inputs = preference_inputs(request, logps, ref, group)  # float32 log-probs
         out = compute_loss(request, inputs)
-        (out.losses.sum() / n).backward()
+        state.scaler.scale(out.losses.sum() / n).backward()  # unscaled when not float16
         parts.append((group, detached(inputs), out))
     return parts
 
 
 def clip_and_check(state: TrainState, parts: list[Part], n: int, max_norm: float) -> float:
-    """Clip the accumulated gradient; returns its norm before clipping. Raises
+    """Clip the accumulated (unscaled) gradient; returns its norm before clipping. Raises
     :class:`NonFiniteStepError` when the loss, a statistic or the norm is not finite."""
     grad_norm = float(torch.nn.utils.clip_grad_norm_(state.trainable(), max_norm))
     loss_value = sum(float(o.losses.detach().sum()) for _, _, o in parts) / n
     finite_out = all(all_finite(o) for _, _, o in parts)
+    if state.scaler.is_enabled() and not math.isfinite(grad_norm) and math.isfinite(loss_value):
+        scale = state.scaler.get_scale()
+        raise NonFiniteStepError(
+            ErrorCode.INVALID_ARGUMENT,
+            f"float16 loss scaling: the gradients overflowed at loss scale {scale:g}; step not "
+            f"applied, the scale is now {scale * state.scaler.get_backoff_factor():g}: retry "
+            "the request",
+        )
     if not (math.isfinite(loss_value) and math.isfinite(grad_norm) and finite_out):
         raise NonFiniteStepError(
             ErrorCode.INVALID_ARGUMENT,
@@ -102,6 +134,40 @@ def clip_and_check(state: TrainState, parts: list[Part], n: int, max_norm: float
     return grad_norm
 
 
+def apply_update(state: TrainState) -> None:
+    """``optimizer.step()``, acknowledged only when every updated parameter and moment is
+    finite (see :mod:`dpo_service.engine.step_guard` for ``verify`` vs ``snapshot``)."""
+    optimizer = state.optimizer
+    snapshot = None
+    if state.rollback is StepRollback.SNAPSHOT:
+        snapshot = StepSnapshot(optimizer)
+    else:
+        bad = dry_run(optimizer, state.param_names)
+        if bad is not None:
+            raise NonFiniteStepError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"the optimizer update would make {bad} non-finite (learning rate or "
+                "weights out of range?); step not applied, weights and optimizer state "
+                "unchanged",
+            )
+    optimizer.step()
+    if updated_finite(optimizer):
+        return
+    if snapshot is not None:
+        snapshot.restore()
+        raise NonFiniteStepError(
+            ErrorCode.INVALID_ARGUMENT,
+            "the optimizer step left non-finite weights; they and the optimizer state were "
+            "restored to their pre-step values; step not applied",
+        )
+    state.halted = "a step left non-finite weights that could not be restored"
+    raise NonFiniteStepError(
+        ErrorCode.INTERNAL,
+        "the optimizer step left non-finite weights after its update was verified finite; "
+        "training is stopped (DPO_STEP_ROLLBACK=snapshot restores such steps)",
+    )
+
+
 def run_train_step(state: TrainState, request: PreparedRequest, settings: Settings) -> LossResult:
     """One optimizer step on ``request``'s pairs; returns the loss computed before the step
     (see the module docstring for the order of the checks)."""
@@ -109,14 +175,21 @@ def run_train_step(state: TrainState, request: PreparedRequest, settings: Settin
     if remembered is not None:
         return remembered
     check_expected_version(state, request)
+    check_not_halted(state)
     model = state.bundle.model
     state.optimizer.zero_grad(set_to_none=True)
     model.train()
+    unscaled = False
     try:
         parts = accumulate_gradients(state, request, settings)
+        if state.scaler.is_enabled():
+            state.scaler.unscale_(state.optimizer)
+            unscaled = True
         grad_norm = clip_and_check(state, parts, request.num_pairs, settings.max_grad_norm)
-        state.optimizer.step()
+        apply_update(state)
     finally:
+        if unscaled:  # halves the scale after an overflow, else counts a good step
+            state.scaler.update()
         state.optimizer.zero_grad(set_to_none=True)
         model.eval()
     inputs, out = merge_parts(parts, request.num_pairs)

@@ -300,7 +300,9 @@ def _dtype_kwargs(transformers: Any, dtype: torch.dtype) -> dict[str, Any]:
 
 
 def load_hf_bundle(path: Path | str, *, device: torch.device, dtype: torch.dtype) -> ModelBundle:
-    """Load a local ``transformers`` causal LM and its tokenizer from ``path``.
+    """Load a local ``transformers`` causal LM and its tokenizer from ``path``, its weights
+    in ``dtype`` (the service passes float32: the master weights its optimizer updates; the
+    compute dtype is applied by autocast, not by the stored weights).
 
     Raises ``FileNotFoundError`` for a missing directory or files and ``ValueError`` for a
     directory that ``transformers`` cannot load or an unsupported architecture.

@@ -7,6 +7,10 @@
 - a directory written by ``ModernDecoderLM.save_pretrained`` (config.json + model.safetensors),
   also with the byte tokenizer;
 - ``hf:/path``: a local transformers causal LM (see :mod:`dpo_service.models.hf`).
+
+Parameters are always loaded as float32 (:data:`PARAM_DTYPE`, the master weights the
+optimizer updates); ``DPO_DTYPE`` is the compute dtype the engine runs the passes in under
+autocast (``dpo_service.engine.precision``), checked here against the device.
 """
 
 from __future__ import annotations
@@ -30,8 +34,26 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+#: Dtype of the loaded parameters (float32 master weights, whatever the compute dtype).
+PARAM_DTYPE = torch.float32
+
+
 def resolve_dtype(name: str) -> torch.dtype:
+    """``DPO_DTYPE`` (the compute dtype) as a torch dtype."""
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def check_compute_dtype(device: torch.device, dtype: torch.dtype) -> None:
+    """``ValueError`` when ``device`` cannot autocast to ``dtype`` (float32 always works)."""
+    if dtype == torch.float32:
+        return
+    name = str(dtype).removeprefix("torch.")
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"compute dtype {name} is not supported (float32, bfloat16, float16)")
+    if not torch.amp.is_autocast_available(device.type):
+        raise ValueError(f"DPO_DTYPE={name}: autocast is not available on {device}")
+    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"DPO_DTYPE=bfloat16 but {device} does not support bfloat16")
 
 
 def builtin_config(
@@ -56,11 +78,13 @@ def load_bundle(
     dtype: torch.dtype,
     builtin: ModernDecoderConfig,
 ) -> ModelBundle:
-    """Load the model named by ``source`` onto ``device`` in ``dtype``."""
+    """Load the model named by ``source`` onto ``device`` with float32 parameters; ``dtype``
+    is the compute dtype (``DPO_DTYPE``), refused here when ``device`` cannot autocast to it."""
+    check_compute_dtype(device, dtype)
     if source.startswith("hf:"):
         from dpo_service.models.hf import load_hf_bundle
 
-        return load_hf_bundle(Path(source[3:]), device=device, dtype=dtype)
+        return load_hf_bundle(Path(source[3:]), device=device, dtype=PARAM_DTYPE)
     if source == "builtin":
         model = ModernDecoderLM(builtin)
         name, kind = f"builtin-modern-decoder-{model.num_parameters() / 1e6:.1f}M", "builtin"
@@ -76,7 +100,7 @@ def load_bundle(
             f"model vocab {model.config.vocab_size} is smaller than the byte tokenizer's "
             f"{tokenizer.vocab_size}"
         )
-    model.to(device=device, dtype=dtype)
+    model.to(device=device, dtype=PARAM_DTYPE)
     return ModelBundle(
         model=model,
         tokenizer=tokenizer,

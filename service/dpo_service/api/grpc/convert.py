@@ -119,9 +119,16 @@ def response_to_proto(data: Mapping[str, Any]) -> pb.ComputeLossResponse:
 
 
 def model_info_to_proto(data: Mapping[str, Any]) -> pb.GetModelInfoResponse:
-    """A ``ModelInfo.model_dump()`` as a ``GetModelInfoResponse``."""
+    """A ``ModelInfo.model_dump()`` as a ``GetModelInfoResponse`` (None leaves an optional
+    field unset; ``memory`` becomes a ``ModelMemory``)."""
     fields = pb.GetModelInfoResponse.DESCRIPTOR.fields_by_name
-    return pb.GetModelInfoResponse(**{k: v for k, v in data.items() if k in fields})
+    values = {k: v for k, v in data.items() if k in fields and v is not None}
+    memory = values.pop("memory", None)
+    msg = pb.GetModelInfoResponse(**values)
+    if memory is not None:
+        known = pb.ModelMemory.DESCRIPTOR.fields_by_name
+        msg.memory.CopyFrom(pb.ModelMemory(**{k: v for k, v in memory.items() if k in known}))
+    return msg
 
 
 def error_to_proto(exc: ServiceError) -> pb.Error:
@@ -209,6 +216,24 @@ def response_from_proto(msg: pb.ComputeLossResponse) -> dict[str, Any]:
     }
 
 
+def _memory_from_proto(msg: pb.ModelMemory) -> dict[str, Any]:
+    return {
+        f.name: dict(sorted(getattr(msg, f.name).items()))
+        if f.message_type is not None  # map fields
+        else getattr(msg, f.name)
+        for f in msg.DESCRIPTOR.fields
+    }
+
+
 def model_info_from_proto(msg: pb.GetModelInfoResponse) -> dict[str, Any]:
-    """A ``GetModelInfoResponse`` as the REST ``GET /v1/model`` body."""
-    return {f.name: getattr(msg, f.name) for f in msg.DESCRIPTOR.fields}
+    """A ``GetModelInfoResponse`` as the REST ``GET /v1/model`` body (unset optional fields
+    as None, ``memory`` as a dict with its maps sorted by dtype)."""
+    out: dict[str, Any] = {}
+    for f in msg.DESCRIPTOR.fields:
+        if f.name == "memory":
+            out[f.name] = _memory_from_proto(msg.memory) if msg.HasField("memory") else None
+        elif f.has_presence and not msg.HasField(f.name):
+            out[f.name] = None
+        else:
+            out[f.name] = getattr(msg, f.name)
+    return out

@@ -212,7 +212,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("name", "kind", "parameters", "vocab_size", "max_seq_len", "dtype", "device", "model_version", "tokenizer", "reference")
+    __slots__ = ("name", "kind", "parameters", "vocab_size", "max_seq_len", "dtype", "device", "model_version", "tokenizer", "reference", "compute_dtype", "param_dtype", "optimizer_state_dtype", "reduction_dtype", "reference_dtype", "autocast", "loss_scale", "step_rollback", "memory")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
@@ -223,6 +223,15 @@ class GetModelInfoResponse(_message.Message):
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    PARAM_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_STATE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    REDUCTION_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    AUTOCAST_FIELD_NUMBER: _ClassVar[int]
+    LOSS_SCALE_FIELD_NUMBER: _ClassVar[int]
+    STEP_ROLLBACK_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: str
     parameters: int
@@ -233,7 +242,57 @@ class GetModelInfoResponse(_message.Message):
     model_version: int
     tokenizer: str
     reference: bool
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., parameters: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., model_version: _Optional[int] = ..., tokenizer: _Optional[str] = ..., reference: _Optional[bool] = ...) -> None: ...
+    compute_dtype: str
+    param_dtype: str
+    optimizer_state_dtype: str
+    reduction_dtype: str
+    reference_dtype: str
+    autocast: bool
+    loss_scale: float
+    step_rollback: str
+    memory: ModelMemory
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., parameters: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., model_version: _Optional[int] = ..., tokenizer: _Optional[str] = ..., reference: _Optional[bool] = ..., compute_dtype: _Optional[str] = ..., param_dtype: _Optional[str] = ..., optimizer_state_dtype: _Optional[str] = ..., reduction_dtype: _Optional[str] = ..., reference_dtype: _Optional[str] = ..., autocast: _Optional[bool] = ..., loss_scale: _Optional[float] = ..., step_rollback: _Optional[str] = ..., memory: _Optional[_Union[ModelMemory, _Mapping]] = ...) -> None: ...
+
+class ModelMemory(_message.Message):
+    __slots__ = ("weights_bytes", "master_copy_bytes", "optimizer_state_bytes", "optimizer_state_bytes_after_step", "gradient_bytes", "rollback_snapshot_bytes", "reference_bytes", "total_bytes")
+    class WeightsBytesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class OptimizerStateBytesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class ReferenceBytesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    WEIGHTS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MASTER_COPY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_STATE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_STATE_BYTES_AFTER_STEP_FIELD_NUMBER: _ClassVar[int]
+    GRADIENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ROLLBACK_SNAPSHOT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    weights_bytes: _containers.ScalarMap[str, int]
+    master_copy_bytes: int
+    optimizer_state_bytes: _containers.ScalarMap[str, int]
+    optimizer_state_bytes_after_step: int
+    gradient_bytes: int
+    rollback_snapshot_bytes: int
+    reference_bytes: _containers.ScalarMap[str, int]
+    total_bytes: int
+    def __init__(self, weights_bytes: _Optional[_Mapping[str, int]] = ..., master_copy_bytes: _Optional[int] = ..., optimizer_state_bytes: _Optional[_Mapping[str, int]] = ..., optimizer_state_bytes_after_step: _Optional[int] = ..., gradient_bytes: _Optional[int] = ..., rollback_snapshot_bytes: _Optional[int] = ..., reference_bytes: _Optional[_Mapping[str, int]] = ..., total_bytes: _Optional[int] = ...) -> None: ...
 
 class CheckpointRequest(_message.Message):
     __slots__ = ()
