@@ -28,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-http", action="store_true", help="do not serve HTTP")
     serve.add_argument("--device", help="auto, cpu, cuda, cuda:N")
     serve.add_argument("--checkpoint-dir", help="checkpoint directory (resumed at start)")
-    remote = sub.add_parser("train-remote", help="train a running service from a preference JSONL")
+    remote = sub.add_parser("train-remote", help="train a running service from a preference file")
     from dpo_service.client.remote_trainer import add_arguments
 
     add_arguments(remote)

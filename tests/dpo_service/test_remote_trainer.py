@@ -38,7 +38,7 @@ def test_remote_trainer_learns_and_plots(tmp_path: Path, protocol: str) -> None:
         assert srv.version == start_version + 30
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert plot.stat().st_size > 10_000
-    history = json.loads(plot.with_suffix(".json").read_text())
+    history = json.loads(plot.with_suffix(".json").read_text())["train"]
     assert [h["model_version"] for h in history] == list(
         range(start_version + 1, start_version + 31)
     )

@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from dpo_service.client.messages import check_conversation_pair, is_message_list
 from dpo_service.client.transports import (
     DpoClientError,
     GrpcTransport,
@@ -173,17 +174,44 @@ def _ids(value: Any) -> list[int]:
     return list(value.tolist() if hasattr(value, "tolist") else value)
 
 
+_TEXT_KEYS = ("prompt", "chosen", "rejected")
+
+
+def _conversation(pair: Mapping[str, Any], index: int) -> dict[str, Any]:
+    """A pair holding chat messages, checked (``pairs[i].<field>: <problem>`` otherwise)."""
+    try:
+        return check_conversation_pair(pair)
+    except ValueError as exc:
+        field, _, problem = str(exc).partition(": ")
+        raise DpoClientError(
+            ErrorCode.INVALID_ARGUMENT,
+            f"pairs[{index}].{exc}",
+            errors=[(f"pairs[{index}].{field}", problem)],
+        ) from None
+
+
 def normalize_pair(pair: Any, index: int) -> dict[str, Any]:
     """A dict, or a ``(prompt, chosen, rejected[, ref_chosen, ref_rejected])`` tuple, as the
-    REST pair shape."""
+    REST pair shape.
+
+    Chat messages pass through unchanged once checked (roles, string contents; see
+    :mod:`dpo_service.client.messages`): TRL's conversational form (``prompt`` a list of
+    ``{"role", "content"}`` messages, ``chosen`` / ``rejected`` lists of assistant messages or
+    strings) and its implicit-prompt form (a dict with ``chosen`` / ``rejected`` conversations
+    sharing their first messages, no ``prompt``).
+    """
     if isinstance(pair, Mapping):
+        if any(is_message_list(pair.get(k)) for k in _TEXT_KEYS):
+            return _conversation(pair, index)
         return dict(pair)
     if hasattr(pair, "model_dump"):
         return dict(pair.model_dump(exclude_none=True))
     if isinstance(pair, (tuple, list)) and len(pair) in (3, 5):
         triple = pair[:3]
-        if all(isinstance(x, str) for x in triple):
-            out: dict[str, Any] = dict(zip(("prompt", "chosen", "rejected"), triple, strict=True))
+        if any(is_message_list(x) for x in triple):
+            out = _conversation(dict(zip(_TEXT_KEYS, triple, strict=True)), index)
+        elif all(isinstance(x, str) for x in triple):
+            out = dict(zip(_TEXT_KEYS, triple, strict=True))
         elif not any(isinstance(x, (str, bytes)) for x in triple):
             out = {
                 k: _ids(x)

@@ -1,16 +1,20 @@
-"""The remote trainer's side: stream a preference JSONL to a running service and train it.
+"""The remote trainer's side: stream a preference dataset to a running service and train it.
 
     dpo-service train-remote --target grpc://127.0.0.1:50051 --data examples/data/preferences.jsonl \\
-        --steps 40 --batch-size 8 --plot out/remote_dpo.png
+        --steps 40 --batch-size 8 --plot out/remote_dpo.png [--eval-data held_out.parquet]
 
-Reads ``{"prompt", "chosen", "rejected"}`` lines, sends batches as train requests over gRPC or
+Reads a JSONL or Parquet dataset in TRL's standard, conversational or implicit-prompt form
+(:mod:`dpo_service.client.preference_data`), sends batches as train requests over gRPC or
 HTTP with the package's client (jittered backoff on 429/503/RESOURCE_EXHAUSTED/UNAVAILABLE,
 deadlines, and a ``request_id`` per step so a retry never applies a step twice), shows a
-progress bar (loss, accuracy, margin, pairs/s), asks the service for a checkpoint at the end,
-and writes a PNG plot of loss, reward margin and accuracy over steps plus the history as JSON.
+progress bar (loss, accuracy, margin, pairs/s, held-out loss), asks the service for a
+checkpoint at the end, and writes a PNG plot of loss, reward margin and accuracy over steps
+plus the history as JSON (``{"train": [...], "eval": [...]}``). With ``--eval-data`` a
+held-out set is evaluated with loss-only requests before the first step, every
+``--eval-every`` steps and after the last, and drawn on the same axes.
 
 The API key comes from ``DPO_TRAINER_API_KEY`` or ``--api-key-file``, never from a flag.
-Needs the ``trainer`` extra (tqdm, matplotlib).
+Needs the ``trainer`` extra (tqdm, matplotlib, pyarrow).
 """
 
 from __future__ import annotations
@@ -18,9 +22,10 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +33,7 @@ from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from dpo_service.client import DpoClient, DpoClientError
+from dpo_service.client.preference_data import load_examples
 
 
 class TrainerSettings(BaseSettings):
@@ -40,6 +46,8 @@ class TrainerSettings(BaseSettings):
 
 @dataclass
 class StepRecord:
+    """One train step: the loss and statistics the service computed before applying it."""
+
     step: int
     loss: float
     accuracy: float
@@ -49,26 +57,43 @@ class StepRecord:
     pairs_per_s: float
 
 
-def load_pairs(path: Path) -> list[dict[str, str]]:
-    """Preference triples from a JSONL file; each line needs prompt, chosen and rejected."""
-    pairs = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            missing = {"prompt", "chosen", "rejected"} - row.keys()
-            if missing:
-                raise ValueError(f"{path}:{lineno}: missing {sorted(missing)}")
-            pairs.append({k: str(row[k]) for k in ("prompt", "chosen", "rejected")})
-    if not pairs:
-        raise ValueError(f"{path}: no preference pairs")
-    return pairs
+@dataclass
+class EvalRecord:
+    """The held-out set after ``step`` train steps, means over all its pairs. Plotted at
+    x = step, next to train record ``step``, whose loss was computed at the same version
+    (a train record's ``model_version`` is the one its step produced)."""
+
+    step: int
+    model_version: int
+    loss: float
+    accuracy: float
+    margin: float
+    pairs: int
+
+
+@dataclass
+class History:
+    """What a run did: one record per train step, one per evaluation of the held-out set."""
+
+    train: list[StepRecord] = field(default_factory=list)
+    eval: list[EvalRecord] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {"train": [asdict(r) for r in self.train], "eval": [asdict(r) for r in self.eval]},
+            indent=1,
+        )
+
+
+def load_pairs(path: Path) -> list[dict[str, Any]]:
+    """The request pairs of a preference dataset (JSONL or Parquet; standard, conversational
+    or implicit-prompt form: see :mod:`dpo_service.client.preference_data`)."""
+    return [example.to_pair() for example in load_examples(path)]
 
 
 def batches(
-    pairs: Sequence[dict[str, str]], size: int, seed: int
-) -> Iterator[list[dict[str, str]]]:
+    pairs: Sequence[dict[str, Any]], size: int, seed: int
+) -> Iterator[list[dict[str, Any]]]:
     """Endless shuffled epochs of ``size``-pair batches."""
     rng = random.Random(seed)
     order = list(range(len(pairs)))
@@ -76,6 +101,24 @@ def batches(
         rng.shuffle(order)
         for start in range(0, len(order) - size + 1, size):
             yield [pairs[i] for i in order[start : start + size]]
+
+
+def evaluate(
+    client: DpoClient, pairs: Sequence[dict[str, Any]], *, step: int, batch_size: int, beta: float
+) -> EvalRecord:
+    """Loss-only requests over ``pairs`` in order, ``batch_size`` at a time (the model does not
+    move); loss, accuracy and margin are means over all pairs."""
+    loss = accuracy = margin = 0.0
+    version = -1
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        out = client.compute_loss(chunk, beta=beta, train=False)
+        loss += out.loss * len(chunk)
+        accuracy += out.accuracy * len(chunk)
+        margin += sum(out.margins)
+        version = out.model_version
+    n = len(pairs)
+    return EvalRecord(step, version, loss / n, accuracy / n, margin / n, n)
 
 
 def connect(target: str, api_key: str | None, timeout: float) -> DpoClient:
@@ -87,9 +130,19 @@ def connect(target: str, api_key: str | None, timeout: float) -> DpoClient:
     raise ValueError(f"--target must start with grpc://, http:// or https://, got {target!r}")
 
 
+@dataclass(frozen=True)
+class EvalPlan:
+    """A held-out set, evaluated before the first step, every ``every`` steps and after the
+    last one, in loss-only requests of ``batch_size`` pairs."""
+
+    pairs: Sequence[dict[str, Any]]
+    every: int
+    batch_size: int
+
+
 def train(
     client: DpoClient,
-    pairs: Sequence[dict[str, str]],
+    pairs: Sequence[dict[str, Any]],
     *,
     steps: int,
     batch_size: int,
@@ -97,13 +150,24 @@ def train(
     seed: int = 0,
     progress: bool = True,
     run_id: str | None = None,
-) -> list[StepRecord]:
-    """Apply ``steps`` train steps; returns one record per step."""
+    eval_plan: EvalPlan | None = None,
+) -> History:
+    """Apply ``steps`` train steps (one record each), evaluating ``eval_plan``'s held-out set
+    after 0, N, 2N, ... and ``steps`` steps."""
     from tqdm import tqdm
 
     run_id = run_id or f"run-{int(time.time())}-{random.Random().randrange(1 << 30):x}"
-    history: list[StepRecord] = []
+    history = History()
     bar = tqdm(total=steps, disable=not progress, unit="step")
+
+    def maybe_evaluate(done: int) -> None:
+        if eval_plan is not None and (done % eval_plan.every == 0 or done == steps):
+            history.eval.append(
+                evaluate(client, eval_plan.pairs, step=done, batch_size=eval_plan.batch_size,
+                         beta=beta)
+            )  # fmt: skip
+
+    maybe_evaluate(0)
     for step, batch in zip(range(steps), batches(pairs, batch_size, seed), strict=False):
         started = time.monotonic()
         out = client.compute_loss(batch, beta=beta, train=True, request_id=f"{run_id}-{step}")
@@ -117,18 +181,26 @@ def train(
             model_version=out.new_model_version or out.model_version,
             pairs_per_s=rate,
         )
-        history.append(record)
-        bar.set_postfix(
-            loss=f"{record.loss:.4f}", acc=f"{record.accuracy:.2f}",
-            margin=f"{record.margin:.3f}", pairs_s=f"{rate:.1f}",
-        )  # fmt: skip
+        history.train.append(record)
+        maybe_evaluate(step + 1)
+        postfix = {"loss": f"{record.loss:.4f}", "acc": f"{record.accuracy:.2f}",
+                   "margin": f"{record.margin:.3f}", "pairs_s": f"{rate:.1f}"}  # fmt: skip
+        if history.eval:
+            postfix["eval_loss"] = f"{history.eval[-1].loss:.4f}"
+        bar.set_postfix(postfix)
         bar.update(1)
     bar.close()
     return history
 
 
-def plot(history: Sequence[StepRecord], path: Path, window: int = 5) -> None:
-    """Loss, mean reward margin and accuracy over steps (raw and a moving average)."""
+def plot(
+    history: Sequence[StepRecord],
+    path: Path,
+    window: int = 5,
+    evals: Sequence[EvalRecord] = (),
+) -> None:
+    """Loss, mean reward margin and accuracy over steps (raw and a moving average), with the
+    held-out set's values (``evals``) drawn on the same axes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -136,14 +208,15 @@ def plot(history: Sequence[StepRecord], path: Path, window: int = 5) -> None:
 
     steps = [r.step for r in history]
     fig, axes = plt.subplots(3, 1, figsize=(7, 7), sharex=True)
-    for ax, name, values in zip(
-        axes,
-        ("loss", "reward margin", "accuracy"),
-        ([r.loss for r in history], [r.margin for r in history], [r.accuracy for r in history]),
-        strict=True,
+    for ax, name, key in zip(
+        axes, ("loss", "reward margin", "accuracy"), ("loss", "margin", "accuracy"), strict=True
     ):
-        ax.plot(steps, values, alpha=0.35, label=name)
-        ax.plot(steps, moving_average(values, window), label=f"{name} ({window}-step mean)")
+        values = [getattr(r, key) for r in history]
+        ax.plot(steps, values, alpha=0.35, label=f"train {name}")
+        ax.plot(steps, moving_average(values, window), label=f"train {name} ({window}-step mean)")
+        if evals:
+            ax.plot([e.step for e in evals], [getattr(e, key) for e in evals], "o-",
+                    label=f"held-out {name} ({evals[-1].pairs} pairs)")  # fmt: skip
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
         ax.legend(loc="best", fontsize=8)
@@ -165,11 +238,19 @@ def moving_average(values: Sequence[float], window: int) -> list[float]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", default="grpc://127.0.0.1:50051", help="grpc://… or http://…")
-    parser.add_argument("--data", type=Path, required=True, help="preference JSONL")
+    parser.add_argument(
+        "--data", type=Path, required=True,
+        help="preference dataset, .jsonl or .parquet (standard, conversational or implicit prompt)",
+    )  # fmt: skip
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-data", type=Path, help="held-out dataset (same formats as --data)")
+    parser.add_argument("--eval-every", type=int, default=10, help="evaluate every N steps")
+    parser.add_argument(
+        "--eval-batch-size", type=int, help="pairs per loss-only eval request (default: --batch-size)"
+    )  # fmt: skip
     parser.add_argument("--timeout", type=float, default=120.0, help="deadline per call (s)")
     parser.add_argument("--plot", type=Path, default=Path("out/remote_dpo.png"))
     parser.add_argument("--history", type=Path, help="JSON history (default: next to the plot)")
@@ -178,33 +259,62 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _check_counts(args: argparse.Namespace) -> None:
+    for name in ("steps", "batch_size", "eval_every", "eval_batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+
+
+def _load(args: argparse.Namespace) -> tuple[list[dict[str, Any]], EvalPlan | None]:
+    _check_counts(args)
+    pairs = load_pairs(args.data)
+    if args.eval_data is None:
+        return pairs, None
+    eval_pairs = load_pairs(args.eval_data)
+    size = args.eval_batch_size or args.batch_size
+    return pairs, EvalPlan(eval_pairs, args.eval_every, size)
+
+
 def run(args: argparse.Namespace) -> int:
     key = TrainerSettings().api_key
     api_key = key.get_secret_value() if key is not None else None
     if args.api_key_file is not None:
         api_key = args.api_key_file.read_text(encoding="utf-8").strip()
-    pairs = load_pairs(args.data)
+    try:
+        pairs, eval_plan = _load(args)
+    except ValueError as err:  # DatasetError included
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     with connect(args.target, api_key, args.timeout) as client:
         info = client.model_info()
-        print(f"training {info.name} at version {info.model_version} on {len(pairs)} pairs")
-        history = train(
-            client, pairs, steps=args.steps, batch_size=min(args.batch_size, len(pairs)),
-            beta=args.beta, seed=args.seed, progress=not args.no_progress,
-        )  # fmt: skip
+        held_out = f" (+{len(eval_plan.pairs)} held out)" if eval_plan else ""
+        print(
+            f"training {info.name} at version {info.model_version} on {len(pairs)} pairs{held_out}"
+        )
+        try:
+            history = train(
+                client, pairs, steps=args.steps, batch_size=min(args.batch_size, len(pairs)),
+                beta=args.beta, seed=args.seed, progress=not args.no_progress, eval_plan=eval_plan,
+            )  # fmt: skip
+        except DpoClientError as err:
+            print(f"error: the service refused a request: {err}", file=sys.stderr)
+            return 1
         if not args.no_checkpoint:
             try:
                 ckpt = client.checkpoint()
                 print(f"checkpoint written at version {ckpt.model_version}: {ckpt.path}")
             except DpoClientError as err:
                 print(f"checkpoint not written: {err}")
-    plot(history, args.plot)
+    plot(history.train, args.plot, evals=history.eval)
     history_path = args.history or args.plot.with_suffix(".json")
-    history_path.write_text(json.dumps([asdict(r) for r in history], indent=1), encoding="utf-8")
-    first, last = history[: min(5, len(history))], history[-min(5, len(history)) :]
-    print(
-        f"loss {mean(r.loss for r in first):.4f} -> {mean(r.loss for r in last):.4f}; "
-        f"plot: {args.plot}; history: {history_path}"
-    )
+    history_path.write_text(history.to_json(), encoding="utf-8")
+    steps = history.train
+    first, last = steps[: min(5, len(steps))], steps[-min(5, len(steps)) :]
+    summary = f"loss {mean(r.loss for r in first):.4f} -> {mean(r.loss for r in last):.4f}"
+    if history.eval:
+        summary += f"; held-out loss {history.eval[0].loss:.4f} -> {history.eval[-1].loss:.4f}"
+    print(f"{summary}; plot: {args.plot}; history: {history_path}")
     return 0
 
 

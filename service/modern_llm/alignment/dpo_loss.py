@@ -35,6 +35,7 @@ __all__ = [
     "ipo_losses",
     "preference_loss",
     "robust_losses",
+    "sft_losses",
     "sigmoid_losses",
     "simpo_losses",
 ]
@@ -265,6 +266,20 @@ def simpo_losses(
     eps = _check_smoothing(label_smoothing, inclusive_half=True)
     chosen, rejected = logps.normalise(logps.policy_chosen, logps.policy_rejected, "simpo")
     return _smoothed_logsigmoid_losses(b * (chosen - rejected) - g, eps)  # (B,)
+
+
+def sft_losses(logps: PreferenceLogps) -> Tensor:
+    """SFT / RPO term (Pang et al. 2024, arXiv:2404.19733; TRL ``loss_type="sft"``, ``rpo_alpha``).
+
+    ``ℓ = −π_c / n_c``: the chosen response's negative log-likelihood per token, **per pair**
+    (the batch loss is then the mean over pairs, as for every other term). TRL instead averages
+    the NLL over all chosen tokens of the batch, ``Σ_i −π_c,i / Σ_i n_c,i`` (token-weighted);
+    the two agree when every chosen response has the same length. Per pair keeps each pair's
+    value independent of the batch it was coalesced into. References and rejected log-probs are
+    not used. Requires lengths (``ValueError`` otherwise). Returns ``(B,)``.
+    """
+    chosen, _ = logps.normalise(logps.policy_chosen, logps.policy_rejected, "sft")
+    return -chosen  # (B,)
 
 
 # ----------------------------------------------------------------------------- config
