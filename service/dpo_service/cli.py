@@ -76,11 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_flush_denormal(settings.flush_denormal)
 
     try:
-        asyncio.run(serve(settings))
+        return asyncio.run(serve(settings))  # 3 when the final checkpoint failed
     except (FileNotFoundError, ValueError) as exc:
         logging.getLogger("dpo_service").error("start-up failed: %s", exc)
         return 1
-    return 0
 
 
 if __name__ == "__main__":

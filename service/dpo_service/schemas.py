@@ -9,7 +9,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictInt, StrictStr, Tag
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    Tag,
+)
 
 from modern_llm.alignment.dpo_loss import LossType
 
@@ -79,14 +88,19 @@ class LossRequest(_Strict):
         description="auto: use per-pair reference log-probs when given, else none; none: "
         "reference-free; frozen: the service's frozen copy of the initial weights.",
     )
-    train: bool = Field(False, description="Apply one optimizer step with this batch's loss.")
+    train: StrictBool = Field(
+        False,
+        description="Apply one optimizer step with this batch's loss (a JSON boolean: "
+        '"true", 1 and the like are refused).',
+    )
     request_id: Annotated[str, Field(pattern=REQUEST_ID_PATTERN)] | None = Field(
         None,
         description="Idempotency key for train requests (1-128 printable ASCII characters, no "
-        "spaces); echoed back.",
+        "spaces); echoed back. The only idempotency key: the X-Request-ID header is a tracing "
+        "id. Reusing a key with a different request is a 409.",
     )
-    expected_version: Annotated[int, Field(ge=0)] | None = Field(
-        None, description="Train only if the model version equals this (else 409)."
+    expected_version: Annotated[StrictInt, Field(ge=0)] | None = Field(
+        None, description="Train only if the model version equals this (else 409); a JSON integer."
     )
 
 

@@ -7,7 +7,7 @@ Lifecycle:
    readiness turns true;
 3. on SIGTERM/SIGINT readiness turns false, new requests get 503 / UNAVAILABLE, queued and
    in-flight requests finish (bounded by ``DPO_DRAIN_TIMEOUT_S``), a final checkpoint is
-   written, the listeners close and the process exits 0.
+   written, the listeners close and the process exits 0 (3 when the final checkpoint failed).
 """
 
 from __future__ import annotations
@@ -22,10 +22,15 @@ from typing import Any
 import uvicorn
 
 from dpo_service.api.http.app import create_app
+from dpo_service.api.http.errors import code_for_status
+from dpo_service.api.http.protocol import ConnectionLimits, guarded_protocol
 from dpo_service.engine.admission import Admission, make_admission
 from dpo_service.settings import Settings
 
 log = logging.getLogger(__name__)
+
+#: Exit status when the final checkpoint failed: acknowledged steps are not durable.
+EXIT_NOT_DURABLE = 3
 
 
 class _Uvicorn(uvicorn.Server):
@@ -51,8 +56,9 @@ class RunningServer:
     grpc_port: int | None = None
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
 
-    async def shutdown(self) -> None:
-        """Drain, checkpoint, close listeners."""
+    async def shutdown(self) -> bool:
+        """Drain, checkpoint, close listeners. False when the final checkpoint failed (the
+        process then exits :data:`EXIT_NOT_DURABLE`)."""
         settings = self.admission.settings
         engine = self.admission.engine
         if self.grpc is not None:
@@ -60,8 +66,11 @@ class RunningServer:
         drained = await engine.drain(settings.drain_timeout_s)
         if not drained:
             log.warning("drain timeout: %d requests still pending", engine.pending())
-        with contextlib.suppress(Exception):
-            await self.admission.on_shutdown()
+        try:
+            durable = await self.admission.on_shutdown()
+        except Exception:
+            log.exception("shutdown: the final checkpoint could not run")
+            durable = False
         if self.grpc is not None:
             await self.grpc.stop(grace=1.0)
         if self.http is not None and self.http_task is not None:
@@ -70,6 +79,7 @@ class RunningServer:
                 await asyncio.wait_for(self.http_task, timeout=max(5.0, settings.drain_timeout_s))
         await engine.stop()
         self.stopped.set()
+        return durable
 
 
 async def start(settings: Settings, admission: Admission | None = None) -> RunningServer:
@@ -82,6 +92,7 @@ async def start(settings: Settings, admission: Admission | None = None) -> Runni
         running.grpc = await start_grpc_server(admission, settings)
         running.grpc_port = running.grpc.port
     if settings.enable_http:
+        events = admission.engine.events
         config = uvicorn.Config(
             create_app(settings, admission=admission),
             host=settings.host,
@@ -89,6 +100,15 @@ async def start(settings: Settings, admission: Admission | None = None) -> Runni
             log_level=settings.log_level,
             lifespan="on",
             timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)),
+            # header size/time, body time and connection limits (api/http/protocol.py)
+            http=guarded_protocol(
+                ConnectionLimits.of(settings),
+                on_reject=lambda status: events.on_request(
+                    "connection", "http", code_for_status(status), 0.0
+                ),
+            ),
+            ws="none",
+            access_log=False,  # RequestLog writes one line per request (with the client)
         )
         server = _Uvicorn(config)
         running.http = server
@@ -130,9 +150,10 @@ async def _close_listeners(running: RunningServer) -> None:
         await running.admission.engine.stop()
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: Settings) -> int:
     """Run until SIGTERM/SIGINT, then drain and exit (a signal during loading is honoured
-    once the model has loaded: the server then shuts down at once)."""
+    once the model has loaded: the server then shuts down at once). Returns the exit status:
+    0, or :data:`EXIT_NOT_DURABLE` when the final checkpoint failed."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -143,5 +164,6 @@ async def serve(settings: Settings) -> None:
         waiters.append(running.http_task)  # type: ignore[arg-type]
     await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     log.info("shutting down: draining in-flight requests")
-    await running.shutdown()
+    durable = await running.shutdown()
     log.info("stopped at model version %d", running.admission.engine.version)
+    return 0 if durable else EXIT_NOT_DURABLE

@@ -6,11 +6,72 @@ README's config table shows.
 
 from __future__ import annotations
 
+import os
 from enum import Enum
 from pathlib import Path
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# API keys shorter than this are refused (`openssl rand -hex 32` gives 64 characters,
+# `secrets.token_urlsafe(32)` 43).
+MIN_API_KEY_CHARS = 32
+# Refused as keys, compared case-insensitively: the content of secrets/dpo_api_key.example and a
+# few obvious placeholders (most are also caught by the length rule; listed for a clearer error).
+PLACEHOLDER_API_KEYS = frozenset({
+    "change-me-to-a-long-random-string",
+    "changeme",
+    "change-me",
+    "change_me",
+    "replace-me",
+    "replaceme",
+    "secret",
+    "password",
+    "example",
+})  # fmt: skip
+_MAKE_A_KEY = (
+    'make one with: python -c "import secrets; print(secrets.token_urlsafe(32))" '
+    "(or: openssl rand -hex 32)"
+)
+
+
+def _check_api_key(key: str, source: str) -> None:
+    """Refuse a placeholder or short key; the message names ``source``, never the key."""
+    if key.strip().lower() in PLACEHOLDER_API_KEYS:
+        raise ValueError(f"{source} holds a placeholder, not a key; {_MAKE_A_KEY}")
+    if len(key) < MIN_API_KEY_CHARS:
+        raise ValueError(
+            f"{source} is too short ({len(key)} characters, at least {MIN_API_KEY_CHARS} "
+            f"needed); {_MAKE_A_KEY}"
+        )
+
+
+def _read_key_file(path: Path) -> str:
+    """The stripped content of ``path``, or a ValueError that says how to fix the file."""
+    source = f"DPO_API_KEY_FILE {path}"
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        raise ValueError(f"{source} does not exist") from None
+    except PermissionError as exc:
+        uid = os.geteuid() if hasattr(os, "geteuid") else "unknown"
+        try:
+            st = path.stat()
+            found = f"mode {st.st_mode & 0o777:04o}, owner uid {st.st_uid}"
+        except OSError:
+            found = "mode and owner unknown"
+        raise ValueError(
+            f"{source} cannot be read by this process (uid {uid}; the file has {found}): "
+            f"{exc.strerror}. Make it readable by uid {uid}. Docker compose bind-mounts a file "
+            "secret with the host file's mode and owner, so on the host run "
+            "`chmod 0644 secrets/dpo_api_key` (or `sudo chown 10001 secrets/dpo_api_key`, the "
+            "image's user, to keep mode 0600; DPO_API_KEY_SECRET_FILE if you mount another "
+            "file), then restart the container"
+        ) from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{source} is not UTF-8 text") from None
+    except OSError as exc:
+        raise ValueError(f"{source} cannot be read: {exc.strerror or exc}") from None
 
 
 class StepRollback(str, Enum):
@@ -31,7 +92,12 @@ class LogpStrategyName(str, Enum):
 class Settings(BaseSettings):
     """Service configuration (env prefix ``DPO_``)."""
 
-    model_config = SettingsConfigDict(env_prefix="DPO_", extra="ignore", validate_default=True)
+    model_config = SettingsConfigDict(
+        env_prefix="DPO_",
+        extra="ignore",
+        validate_default=True,
+        hide_input_in_errors=True,  # a refused DPO_API_KEY must never be echoed in the error
+    )
 
     # --- network -------------------------------------------------------------------------
     host: str = Field(
@@ -42,7 +108,11 @@ class Settings(BaseSettings):
     enable_http: bool = Field(True, description="Serve the REST API.")
     enable_grpc: bool = Field(True, description="Serve the gRPC API.")
     grpc_max_message_bytes: int = Field(
-        16 * 1024 * 1024, gt=0, description="Largest gRPC message received or sent, in bytes."
+        8 * 1024 * 1024,
+        gt=0,
+        description="Largest gRPC message received or sent, in bytes (RESOURCE_EXHAUSTED "
+        "above; by default the same 8 MiB as DPO_MAX_BODY_BYTES). Pairs and token ids past "
+        "their limits are counted and refused from a message's bytes, before it is parsed.",
     )
 
     # --- model ---------------------------------------------------------------------------
@@ -129,6 +199,20 @@ class Settings(BaseSettings):
         60.0, gt=0, description="Server-side deadline of a request, queueing included (504)."
     )
 
+    # --- hostile clients: HTTP connection limits (see README "Reliability and security") ---
+    max_header_bytes: int = Field(
+        16 * 1024, gt=0, description="HTTP request line + headers, in bytes (431 above)."
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="Time for a request's headers to arrive once it starts (408)."
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="Time for a whole request body to arrive after its headers (408)."
+    )
+    max_connections: int = Field(
+        512, gt=0, description="Open HTTP connections; more are answered 503 and closed."
+    )
+
     # --- security ------------------------------------------------------------------------
     api_key: SecretStr | None = Field(
         None, description="Bearer key required for training/admin calls (or use DPO_API_KEY_FILE)."
@@ -147,6 +231,25 @@ class Settings(BaseSettings):
         0, ge=0, description="Checkpoint every N optimizer steps (0: off)."
     )
     checkpoint_keep: int = Field(3, gt=0, description="How many checkpoints to keep.")
+
+    # --- durability: damaged checkpoints and failed checkpoints (issue 10) -----------------
+    allow_fresh_start: bool = Field(
+        False,
+        description="When checkpoints exist but none verifies, start from the initial weights "
+        "(default: refuse to start, naming each checkpoint and why). Damaged checkpoints are "
+        "kept either way.",
+    )
+    allow_fresh_optimizer: bool = Field(
+        False,
+        description="Resume a checkpoint whose weights verify but whose optimizer files do "
+        "not, with a fresh optimizer (default: skip it for an older valid one, or refuse).",
+    )
+    checkpoint_retry_s: float = Field(
+        5.0,
+        gt=0,
+        description="After a due checkpoint failed (training paused, degraded): seconds "
+        "between retries.",
+    )
     drain_timeout_s: float = Field(
         30.0, ge=0, description="SIGTERM: how long in-flight work may take."
     )
@@ -163,10 +266,13 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _load_key_file(self) -> Settings:
         if self.api_key is None and self.api_key_file is not None:
-            key = self.api_key_file.read_text(encoding="utf-8").strip()
+            key = _read_key_file(self.api_key_file)
             if not key:
                 raise ValueError(f"DPO_API_KEY_FILE {self.api_key_file} is empty")
+            _check_api_key(key, f"DPO_API_KEY_FILE {self.api_key_file}")
             self.api_key = SecretStr(key)
+        elif self.api_key is not None and self.api_key.get_secret_value():
+            _check_api_key(self.api_key.get_secret_value(), "DPO_API_KEY")
         return self
 
     def api_key_value(self) -> str | None:

@@ -14,7 +14,8 @@ import pytest
 from dpo_service.server import RunningServer, start
 from dpo_service.settings import Settings
 
-API_KEY = "test-key-123"
+# 32+ characters and no placeholder, as Settings requires (not a secret: tests only).
+API_KEY = "test-key-0123456789abcdefghijklmnopqrstuv"
 
 SMALL_MODEL: dict[str, Any] = {
     "builtin_d_model": 64,

@@ -27,6 +27,8 @@ def free_port() -> int:
 class ServerProcess:
     """``dpo-service serve`` (HTTP only, tiny built-in model) configured by ``DPO_*`` env."""
 
+    command: tuple[str, ...] = ("-m", "dpo_service", "serve")  # after the interpreter
+
     def __init__(self, log_path: Path, **env: Any) -> None:
         self.port = free_port()
         self.log_path = log_path
@@ -43,7 +45,7 @@ class ServerProcess:
         }
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in close()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dpo_service", "serve"],
+            [sys.executable, *self.command],
             env={**base, **settings, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
             stdout=self._log,
             stderr=subprocess.STDOUT,

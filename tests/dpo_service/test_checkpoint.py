@@ -103,13 +103,13 @@ def test_round_trip_is_bit_identical(tmp_path: Path) -> None:
     _stop(a)
     assert path.name == "ckpt-000000000002"
     assert sorted(p.name for p in path.iterdir()) == [
-        "idempotency.json",
         "manifest.json",
         "model.safetensors",
         "optimizer.json",
         "optimizer.safetensors",
         "state.json",
     ]  # safetensors and JSON only: nothing to unpickle
+    assert (tmp_path / "idempotency.sqlite").is_file()  # the record, appended to (SQLite)
     assert (tmp_path / LATEST_FILE).read_text().strip() == path.name
 
     b = _engine(tmp_path)
@@ -211,25 +211,29 @@ def test_latest_pointing_to_a_missing_dir_falls_back(
     _stop(b)
 
 
-def test_latest_is_the_commit_point(trained: Engine, tmp_path: Path) -> None:
-    """A complete directory that LATEST does not name yet (crash between the rename and the
-    pointer) is not resumed; the next save removes it (an abandoned history). Interrupted
-    temp directories are ignored and cleaned up."""
+def test_a_verified_checkpoint_newer_than_latest_is_resumed(
+    trained: Engine, tmp_path: Path
+) -> None:
+    """The directory rename is the commit point: a complete, verified directory that LATEST
+    does not name yet (crash between the rename and the pointer) is resumed, and nothing newer
+    than the saved version is ever pruned. Interrupted temp directories are ignored and
+    cleaned up."""
     (tmp_path / LATEST_FILE).write_text("ckpt-000000000002\n")
     (tmp_path / ".tmp-ckpt-000000000004-deadbeef").mkdir()
     (tmp_path / ".tmp-ckpt-000000000004-deadbeef" / WEIGHTS_FILE).write_bytes(b"partial")
     b = _engine(tmp_path)
-    assert b.version == 2
+    assert b.version == 3
     _step(b)
     _step(b)
     _save(b)
     _stop(b)
-    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".lock")) == [
-        "LATEST",
-        "ckpt-000000000001",
+    assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == [
         "ckpt-000000000002",
-        "ckpt-000000000004",
-    ]  # ckpt-3 of the abandoned history is gone
+        "ckpt-000000000003",
+        "ckpt-000000000005",
+    ]  # keep 3; the temp directory is gone
+    assert not list(tmp_path.glob(".tmp-ckpt-*"))
+    assert (tmp_path / LATEST_FILE).read_text().strip() == "ckpt-000000000005"
 
 
 def test_keep_k_prunes_old_checkpoints(tmp_path: Path) -> None:

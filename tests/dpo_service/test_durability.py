@@ -67,16 +67,20 @@ def test_retry_with_the_same_request_id_applies_nothing(server: ServerThread) ->
         version, digest = server.version, _digest(server)
         steps = _metric(c, "dpo_optimizer_steps_total")
         again = _train(c, request_id="idem-1")
+        assert _metric(c, "dpo_optimizer_steps_total") == steps
+        assert server.version == version and _digest(server) == digest
+        # X-Request-ID is a tracing id, not an idempotency key: this is a new step
         header_id = c.post(
             "/dpo/loss",
             json={"pairs": PAIRS, "train": True},
             headers={**AUTH, "X-Request-ID": "idem-1"},
         )
-        assert _metric(c, "dpo_optimizer_steps_total") == steps
+        assert _metric(c, "dpo_optimizer_steps_total") == steps + 1
     assert again.status_code == header_id.status_code == 200
-    assert again.json() == first.json() == header_id.json()
+    assert again.json() == first.json()
     assert first.json()["new_model_version"] == version
-    assert server.version == version and _digest(server) == digest
+    assert header_id.json()["new_model_version"] == version + 1
+    assert header_id.json()["request_id"] != "idem-1"
 
 
 def test_stale_expected_version_is_409_and_applies_nothing(server: ServerThread) -> None:

@@ -287,10 +287,14 @@ def test_version_counts_train_requests_under_concurrency(
 
 
 def test_request_id_is_echoed(server: ServerThread) -> None:
+    """X-Request-ID is a tracing id: echoed in the header, never adopted as the body's
+    request_id (the idempotency key); a body request_id is echoed in both."""
     with _client(server) as c:
         r = c.post("/dpo/loss", json={"pairs": TEXT_PAIRS[:1]}, headers={"X-Request-ID": "abc-123"})
-    assert r.json()["request_id"] == "abc-123"
+        body_id = c.post("/dpo/loss", json={"pairs": TEXT_PAIRS[:1], "request_id": "b-1"})
     assert r.headers["x-request-id"] == "abc-123"
+    assert r.json()["request_id"] not in (None, "abc-123")
+    assert body_id.json()["request_id"] == body_id.headers["x-request-id"] == "b-1"
 
 
 def test_metrics_endpoint(server: ServerThread, auth: dict[str, str]) -> None:

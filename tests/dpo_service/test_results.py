@@ -1,7 +1,8 @@
 """Engine results and their persisted form (``LossResult.to_json``, versioned).
 
-A checkpoint's idempotency record is JSON of engine results, not of the wire schema, so a
-change of the HTTP/gRPC response cannot break a resume. Entries this version cannot read
+The idempotency record (``idempotency.sqlite``; format-1 checkpoints: ``idempotency.json``)
+is JSON of engine results, not of the wire schema, so a change of the HTTP/gRPC response
+cannot break a resume. Entries this version cannot read
 (written before the schema existed, a future schema, or malformed) are skipped with a log line.
 """
 
@@ -13,13 +14,15 @@ from pathlib import Path
 
 import pytest
 
+from ckpt_helpers import as_format_1
 from conftest import small_settings
 from dpo_service.engine.admission import make_engine
-from dpo_service.engine.checkpointing import restore_idempotency, snapshot_state
+from dpo_service.engine.checkpointing import restore_idempotency
 from dpo_service.engine.preparation import prepare
 from dpo_service.engine.results import RESULT_SCHEMA, LossResult, UnknownResultSchema
 from dpo_service.schemas import LossRequest, LossResponse
-from dpo_service.state.store import CheckpointStore
+from dpo_service.settings import Settings
+from dpo_service.state.record import IdempotencyRecord
 
 PAIRS = [{"prompt": "Q: 2+2?", "chosen": " 4", "rejected": " five"}]
 
@@ -90,25 +93,54 @@ def test_restore_skips_unreadable_entries_with_a_log_line(
     assert "2 remembered train request ids were skipped" in text
 
 
-def test_a_checkpoint_with_an_older_entry_still_resumes(tmp_path: Path) -> None:
-    """Real files: a checkpoint whose idempotency record holds one entry in the pre-schema
-    (wire) format and one current entry resumes; the old id is skipped, the current one kept."""
+def _trained_checkpoint(tmp_path: Path) -> tuple[Settings, LossResult, Path]:
+    """A checkpoint at version 1 whose step has request_id "new"."""
     settings = small_settings(enable_grpc=False, checkpoint_dir=tmp_path)
     engine = make_engine(settings)
     engine.load()
     assert engine.bundle is not None and engine.state is not None
     body = LossRequest.model_validate({"pairs": PAIRS, "train": True, "request_id": "new"})
-    engine._train_one(prepare(body, engine.bundle.tokenizer, engine.limits()))
-    snap = snapshot_state(engine.state)
-    old = LossResponse.model_validate(_result("old").as_dict()).model_dump(mode="json")
-    snap.idempotency.insert(0, ("old", old))
+    result = engine._train_one(prepare(body, engine.bundle.tokenizer, engine.limits()))
+    assert isinstance(result, LossResult)
+    path = engine._checkpoint_now().path
     asyncio.run(engine.stop())
-    store = CheckpointStore(tmp_path)
-    store.save(snap)
+    return settings, result, path
+
+
+def _resumed_ids(settings: Settings) -> list[str]:
     resumed = make_engine(settings)
     resumed.load()
     try:
         assert resumed.version == 1
-        assert resumed.state is not None and list(resumed.state.completed) == ["new"]
+        assert resumed.state is not None
+        return list(resumed.state.completed)
     finally:
         asyncio.run(resumed.stop())
+
+
+def test_a_format_1_checkpoint_with_an_older_entry_still_resumes(tmp_path: Path) -> None:
+    """Real files: a format-1 checkpoint (its record in its own idempotency.json) holding one
+    entry in the pre-schema (wire) format and one current entry resumes; the old id is
+    skipped, the current one kept, and imported into the record (idempotency.sqlite), so it
+    survives the next restart too."""
+    settings, result, path = _trained_checkpoint(tmp_path)
+    old = LossResponse.model_validate(_result("old").as_dict()).model_dump(mode="json")
+    as_format_1(path, [("old", old), ("new", result.to_json())])
+    assert not (tmp_path / "idempotency.sqlite").exists()
+    assert _resumed_ids(settings) == ["new"]
+    assert _resumed_ids(settings) == ["new"]  # now from the record
+
+
+def test_an_unreadable_entry_of_the_record_is_skipped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The SQLite record: a row this version cannot read is skipped with a log line; the
+    resume goes on."""
+    settings, _, _ = _trained_checkpoint(tmp_path)
+    old = LossResponse.model_validate(_result("old").as_dict()).model_dump(mode="json")
+    record = IdempotencyRecord(tmp_path / "idempotency.sqlite", 16)
+    record.append([("old", 1, old)], after=1)
+    record.close()
+    caplog.set_level(logging.WARNING, logger="dpo_service.engine.checkpointing")
+    assert _resumed_ids(settings) == ["new"]
+    assert "'old' not restored" in caplog.text

@@ -1,7 +1,8 @@
 """Admission control: what every request goes through before the engine's queue.
 
-authorize (bearer key) → check the engine accepts work → prepare (tokenize + validate against
-the model's limits) → :meth:`Engine.submit`. :class:`Admission` is protocol-neutral: the HTTP
+authorize (bearer key) → check the engine accepts work → parse (off the event loop, when an
+adapter passes its wire parser) → prepare (tokenize + validate against the model's limits, off
+the event loop) → the engine's queue. :class:`Admission` is protocol-neutral: the HTTP
 and gRPC adapters validate their wire format into a :class:`LossRequest` (the one input type
 the engine reads; it never builds or persists a wire object), call it, and turn the
 :class:`LossResult` or :class:`ServiceError` into their protocol's answer, so both give
@@ -12,10 +13,12 @@ from __future__ import annotations
 
 import hmac
 import logging
+import time
+from collections.abc import Callable
 from typing import Any
 
 from dpo_service.engine.engine import Engine
-from dpo_service.engine.preparation import prepare
+from dpo_service.engine.preparation import off_loop, prepare
 from dpo_service.engine.results import LossResult
 from dpo_service.errors import ErrorCode, ServiceError
 from dpo_service.models.bundle import ModelBundle
@@ -44,18 +47,29 @@ class Admission:
             )
         await self.engine.start()
 
-    async def on_shutdown(self) -> None:
+    async def on_shutdown(self) -> bool:
         """Called after draining, before the listeners close: no new work starts (what the
-        drain timeout left queued gets UNAVAILABLE), then the final checkpoint."""
+        drain timeout left queued gets UNAVAILABLE), then the final checkpoint (verified on
+        disk, written again if it does not verify). False when it failed: the server then
+        exits non-zero, since steps it acknowledged are not durable."""
         self.engine.halt()
         if self.settings.checkpoint_dir is None or self.engine.bundle is None:
-            return
+            return True
         try:
             info = await self.engine.checkpoint()
-        except Exception:
-            log.exception("the final checkpoint failed")
-            return
+        except Exception as exc:
+            ckpt = self.engine.checkpointer
+            last = ckpt.last.version if ckpt is not None and ckpt.last is not None else None
+            log.error(
+                "the final checkpoint failed (%s): model version %d is NOT durable; the last "
+                "durable checkpoint is %s",
+                exc,
+                self.engine.version,
+                "none" if last is None else f"version {last}",
+            )
+            return False
         log.info("final checkpoint: model version %d at %s", info.version, info.path)
+        return True
 
     # ------------------------------------------------------------------ admin
     async def checkpoint(self) -> dict[str, Any]:
@@ -93,19 +107,44 @@ class Admission:
     # ------------------------------------------------------------------ loss
     async def compute(
         self,
-        request: LossRequest,
+        request: LossRequest | Callable[[], LossRequest],
         *,
         api_key: str | None,
         timeout_s: float | None = None,
     ) -> LossResult:
-        """Run one loss request end to end; raises :class:`ServiceError`."""
-        self.authorize(api_key, privileged=request.train)
+        """Run one loss request end to end; raises :class:`ServiceError`.
+
+        ``request`` is a validated :class:`LossRequest`, or a function that parses and
+        validates one (adapters pass their wire bytes' parser: it runs off the event loop once
+        the request is accepted). Order: the key (of a parsed request), accepted or not
+        (UNAVAILABLE while loading or draining), parsed, the key of a train request,
+        tokenization and the per-request checks (off the event loop, :func:`off_loop`), queued.
+        An accepted request holds its place while it is parsed and prepared (a drain that
+        begins meanwhile waits for it, ``Batcher.admitting``); that time counts against its
+        deadline."""
+        started = time.monotonic()
+        if isinstance(request, LossRequest):
+            self.authorize(api_key, privileged=request.train)
         self.engine.check_accepting()
-        prepared = prepare(request, self.engine.require_bundle().tokenizer, self.engine.limits())
+        batcher = self.engine._batcher  # the engine's queue: set once it accepts work
+        assert batcher is not None
         timeout = self.settings.request_timeout_s
         if timeout_s is not None:
             timeout = min(timeout, timeout_s)
-        return await self.engine.submit(prepared, timeout_s=timeout)
+        tokenizer, limits = self.engine.require_bundle().tokenizer, self.engine.limits()
+        with batcher.admitting():
+            if not isinstance(request, LossRequest):
+                request = await off_loop(request)
+                self.authorize(api_key, privileged=request.train)
+            prepared = await off_loop(prepare, request, tokenizer, limits)
+            if request.train:  # valid, but refused while a failed checkpoint pauses training
+                await self.engine.check_training()
+        remaining = timeout - (time.monotonic() - started)
+        if remaining <= 0:
+            raise ServiceError(
+                ErrorCode.DEADLINE_EXCEEDED, "the deadline passed while the request was prepared"
+            )
+        return await batcher.submit(prepared, remaining)
 
 
 def make_engine(settings: Settings) -> Engine:

@@ -20,7 +20,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from dpo_service.engine.events import EngineEvents
@@ -32,6 +32,8 @@ from dpo_service.settings import Settings
 log = logging.getLogger(__name__)
 
 Result = LossResult | BaseException
+#: A caller cancelled this close to its deadline was cancelled by the deadline.
+DEADLINE_SLACK_S = 0.05
 RunBatch = Callable[[list["Job"]], Awaitable[Sequence[Result]]]
 
 
@@ -47,14 +49,18 @@ class Job:
     # makes the two transitions exclusive, so abandoned work never reaches the model.
     state: str = "queued"
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # why an abandoned job was dropped (``dpo_dropped_requests_total{reason}``): "cancelled"
+    # (the caller went away: a cancelled gRPC call, a closed HTTP connection) or "deadline"
+    drop_reason: str = "deadline"
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline
 
-    def abandon(self) -> None:
+    def abandon(self, reason: str = "cancelled") -> None:
         with self.lock:
             if self.state == "queued":
                 self.state = "abandoned"
+                self.drop_reason = reason
 
     def claim(self) -> bool:
         """Called on the worker thread right before model work: False if it must be dropped."""
@@ -63,6 +69,7 @@ class Job:
                 self.state = "started"
             elif self.state == "queued":
                 self.state = "abandoned"
+                self.drop_reason = "deadline"
             return self.state == "started"
 
 
@@ -76,12 +83,25 @@ class Batcher:
         self._queue: asyncio.Queue[Job] = asyncio.Queue()
         self._held: Job | None = None
         self._busy = 0  # jobs taken from the queue whose futures are not settled yet
+        self._admitting = 0  # accepted requests still being prepared (see admitting())
         self._halted = False
         self._task: asyncio.Task[None] = asyncio.create_task(self._loop(), name="dpo-batcher")
 
     # ------------------------------------------------------------------ admission
+    @contextlib.contextmanager
+    def admitting(self) -> Iterator[None]:
+        """Count a request that was accepted and is still being prepared (off the event loop)
+        as pending, so that a drain that begins meanwhile waits for it to be queued."""
+        self._admitting += 1
+        try:
+            yield
+        finally:
+            self._admitting -= 1
+
     async def submit(self, request: PreparedRequest, timeout: float) -> LossResult:
         """Queue ``request`` and wait for its result (at most ``timeout`` seconds)."""
+        if self._halted:
+            raise ServiceError(ErrorCode.UNAVAILABLE, "the service is shutting down")
         if self._queue.qsize() >= self.settings.max_queue:
             self.events.on_rejected_overload()
             raise ServiceError(
@@ -96,19 +116,24 @@ class Batcher:
         try:
             return await asyncio.wait_for(asyncio.shield(job.future), timeout=timeout)
         except asyncio.TimeoutError:
-            job.abandon()
+            job.abandon("deadline")
             job.future.cancel()
             raise ServiceError(
                 ErrorCode.DEADLINE_EXCEEDED, f"the request did not finish within {timeout:.3g} s"
             ) from None
         except asyncio.CancelledError:
-            job.abandon()  # the caller went away: drop it if it has not started
+            # the caller went away (or its own deadline, e.g. gRPC's, cancelled it): drop it
+            # if it has not started
+            job.abandon(
+                "deadline" if job.expired(time.monotonic() + DEADLINE_SLACK_S) else "cancelled"
+            )
             job.future.cancel()
             raise
 
     def pending(self) -> int:
-        """Requests queued or running."""
-        return self._queue.qsize() + (1 if self._held is not None else 0) + self._busy
+        """Requests queued or running, or accepted and being prepared."""
+        held = 1 if self._held is not None else 0
+        return self._queue.qsize() + held + self._busy + self._admitting
 
     def halt(self, error: ServiceError) -> None:
         """Start nothing more; fail what is still waiting with ``error``."""
@@ -156,8 +181,8 @@ class Batcher:
                 "shutdown",
                 ServiceError(ErrorCode.UNAVAILABLE, "the service is shutting down"),
             )
-        elif job.future.done():
-            reason, error = "cancelled", None
+        elif job.future.done():  # abandoned by its caller: cancelled, or its wait timed out
+            reason, error = job.drop_reason, None
         elif job.expired(time.monotonic()):
             reason = "deadline"
             error = ServiceError(ErrorCode.DEADLINE_EXCEEDED, "the deadline passed while queued")

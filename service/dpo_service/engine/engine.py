@@ -11,9 +11,10 @@ order); all model work runs on one worker thread, so concurrent requests never r
 - A train request runs alone, in arrival order, and applies exactly one optimizer step. Its
   loss is computed before the step; a non-finite loss or gradient applies nothing.
 - Expired or cancelled requests are dropped before they reach the model.
-- With ``DPO_CHECKPOINT_DIR`` it resumes the latest valid checkpoint on load, checkpoints
+- With ``DPO_CHECKPOINT_DIR`` it resumes the newest valid checkpoint on load, checkpoints
   every ``DPO_CHECKPOINT_EVERY`` steps on the worker thread before the step's response is
-  released (an acknowledged step at a multiple of N is durable), and on demand.
+  released (an acknowledged step at a multiple of N is durable), and on demand. When that
+  checkpoint fails, training pauses until one succeeds (:mod:`dpo_service.engine.durability`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch
 
 from dpo_service.engine.batcher import Batcher, Job
 from dpo_service.engine.checkpointing import Checkpointer
+from dpo_service.engine.durability import Durability
 from dpo_service.engine.events import EngineEvents
 from dpo_service.engine.forward import forward_logps
 from dpo_service.engine.losses import compute_loss, preference_inputs, rows_of
@@ -66,16 +68,15 @@ class Engine:
         self._batcher: Batcher | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dpo-engine")
         self.checkpointer: Checkpointer | None = None
+        self.durability = Durability(self.events, settings.checkpoint_retry_s)
 
     # ----------------------------------------------------------------- lifecycle
     def load(self) -> None:
         """Build the model, optimizer and reference (slow: call off the event loop)."""
         bundle = self._bundle_factory()
         state = TrainState.create(bundle, self.settings)  # the frozen reference: initial weights
-        if self.settings.checkpoint_dir is not None:  # resume the latest valid checkpoint
-            self.checkpointer = Checkpointer.open(
-                self.settings.checkpoint_dir, self.settings.checkpoint_keep, state, self.events
-            )
+        if self.settings.checkpoint_dir is not None:  # resume the newest valid checkpoint
+            self.checkpointer = Checkpointer.open(self.settings, state, self.events)
         self.bundle = bundle
         self.state = state
         self.events.on_loaded(state.version)
@@ -86,6 +87,8 @@ class Engine:
         if self.bundle is None:
             await loop.run_in_executor(self._executor, self.load)
         self._batcher = Batcher(self.settings, self.events, self._on_worker)
+        if self.checkpointer is not None:
+            self.durability.start(self._attempt_checkpoint)
         self.ready = True
         log.info(
             "engine ready: %s (version %d)", self.bundle.name if self.bundle else "?", self.version
@@ -112,6 +115,7 @@ class Engine:
         """Stop the batcher and the worker (after :meth:`drain`)."""
         self.ready = False
         self.draining = True
+        await self.durability.stop()
         if self._batcher is not None:
             await self._batcher.stop(_SHUTTING_DOWN)
         self._executor.shutdown(wait=True)
@@ -176,19 +180,30 @@ class Engine:
         return self.checkpointer
 
     async def checkpoint(self) -> CheckpointInfo:
-        """Write a checkpoint now, on the worker thread (after any running step)."""
+        """Write a checkpoint now, on the worker thread (after any running step); when this
+        version is on disk already, verify it and write it again if it does not verify."""
         self._require_checkpointer()
         try:
-            return await asyncio.get_running_loop().run_in_executor(
+            pending = asyncio.get_running_loop().run_in_executor(
                 self._executor, self._checkpoint_now
             )
         except RuntimeError as exc:  # executor shut down
             raise ServiceError(ErrorCode.UNAVAILABLE, f"the engine is stopped: {exc}") from None
-        except (OSError, ValueError, TypeError) as exc:
+        try:
+            return await pending
+        except Exception as exc:
             log.exception("checkpoint failed")
             raise ServiceError(
                 ErrorCode.INTERNAL, f"checkpoint failed: {type(exc).__name__}: {exc}"
             ) from None
+
+    async def _attempt_checkpoint(self) -> None:
+        """A retry of the failed checkpoint (raises when it fails again)."""
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._checkpoint_now)
+
+    async def check_training(self) -> None:
+        """Admission of a train request: UNAVAILABLE while degraded (after one retry)."""
+        await self.durability.check(self._attempt_checkpoint, retry=not self.draining)
 
     async def checkpoints(self) -> dict[str, Any]:
         """The checkpoints on disk (verified) and the live weights' digest."""
@@ -199,9 +214,12 @@ class Engine:
         return {**listing, "live": live}
 
     def _checkpoint_now(self) -> CheckpointInfo:
-        """Worker thread: checkpoint the current state (no-op if this version is saved)."""
+        """Worker thread: checkpoint the current state (no write when this version is on
+        disk and verifies); a success ends the degraded state."""
         assert self.state is not None and self.checkpointer is not None
-        return self.checkpointer.save(self.state)
+        info = self.checkpointer.save(self.state)
+        self.durability.recovered(info.version)
+        return info
 
     # ----------------------------------------------------------------- submission
     def check_accepting(self) -> None:
@@ -235,7 +253,7 @@ class Engine:
         results: dict[int, LossResult | BaseException] = {}
         for j in batch:
             if j.state == "abandoned":
-                self.events.on_dropped("deadline")
+                self.events.on_dropped(j.drop_reason)  # "cancelled" when the caller left
                 results[id(j)] = ServiceError(
                     ErrorCode.DEADLINE_EXCEEDED, "the deadline passed before the model was free"
                 )
@@ -262,6 +280,8 @@ class Engine:
 
     def _train_one(self, request: PreparedRequest) -> LossResult | BaseException:
         assert self.state is not None
+        if self.durability.degraded:
+            return self.durability.error()  # queued before the due checkpoint failed
         before = self.state.version
         try:
             response = run_train_step(self.state, request, self.settings)
@@ -282,11 +302,7 @@ class Engine:
                 self._checkpoint_now()
             except Exception as exc:
                 log.exception("checkpoint at version %d failed", self.state.version)
-                return ServiceError(
-                    ErrorCode.INTERNAL,
-                    f"the step was applied (model version {self.state.version}) but its "
-                    f"checkpoint failed ({type(exc).__name__}); it is not durable yet",
-                )
+                return self.durability.fail(self.state.version, self.checkpointer.last, exc)
         return response
 
     def _compute_losses(self, batch: list[Job]) -> list[LossResult | BaseException]:

@@ -95,6 +95,12 @@ class EngineEvents:
         self.checkpoint_version = Gauge(
             "dpo_last_checkpoint_version", "Model version of the newest checkpoint.", registry=r
         )
+        self.degraded = Gauge(
+            "dpo_degraded",
+            "1 while training is paused because a due checkpoint failed (loss-only requests "
+            "are still served); 0 otherwise.",
+            registry=r,
+        )
 
     # engine hooks ------------------------------------------------------------------------
     def on_loaded(self, version: int) -> None:
@@ -131,6 +137,9 @@ class EngineEvents:
 
     def on_checkpoint_failed(self) -> None:
         self.checkpoint_failures.inc()
+
+    def on_degraded(self, degraded: bool) -> None:
+        self.degraded.set(1 if degraded else 0)
 
     # adapter hooks -----------------------------------------------------------------------
     def on_request(

@@ -1,19 +1,50 @@
 """From a validated :class:`LossRequest` to a :class:`PreparedRequest` the engine can run.
 
-Everything that can be wrong with a request is found here, before it reaches the model:
-tokens outside the vocabulary, empty responses, sequences past the model's length, reference
+Everything that can be wrong with a request is found here, before it reaches the model and
+before it is batched with other requests: text that is not valid Unicode, text too long for
+any tokenization to fit the limits, tokens outside the model's vocabulary (given as ids *or*
+produced by the tokenizer), empty responses, sequences past the model's length, reference
 log-probs given for only some pairs, limits. Each error names the field and the pair index.
+
+The work is CPU-bound (tokenization, per-token checks, a digest): adapters run it with
+:func:`off_loop`, on a small pool of threads, never on the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import hashlib
+import threading
+from array import array
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
-from dpo_service.errors import ErrorCode, ServiceError, invalid
+from dpo_service.errors import ServiceError, invalid
 from dpo_service.models.bundle import TripleTokenizer
-from dpo_service.schemas import LossRequest, TextPair
+from dpo_service.schemas import LossRequest, TextPair, TokenPair
 from modern_llm.alignment.dpo_loss import LossConfig
 from modern_llm.alignment.logprobs import PairTokens
+
+T = TypeVar("T")
+
+#: Threads that parse and prepare requests (bounds how many are materialised at once).
+PREPARE_THREADS = 2
+#: No tokenizer packs more characters than this into one token: longer text cannot fit the
+#: token limits and is refused before it is tokenized.
+MAX_CHARS_PER_TOKEN = 64
+_POOL = ThreadPoolExecutor(max_workers=PREPARE_THREADS, thread_name_prefix="dpo-prepare")
+# one tokenization at a time: a transformers fast tokenizer called from two threads at once
+# can fail ("Already borrowed", huggingface/tokenizers#537)
+_TOKENIZER_LOCK = threading.Lock()
+_LOSS_FIELDS = ("loss_type", "beta", "label_smoothing", "simpo_gamma")
+
+
+async def off_loop(fn: Callable[..., T], *args: object) -> T:
+    """Run ``fn(*args)`` on the preparation threads (CPU-bound request work)."""
+    return await asyncio.get_running_loop().run_in_executor(_POOL, functools.partial(fn, *args))
 
 
 @dataclass(frozen=True)
@@ -40,6 +71,9 @@ class PreparedRequest:
     request_id: str | None
     expected_version: int | None
     num_tokens: int  # prompt + chosen + rejected tokens (prompt once)
+    # sha256 of what the step would compute (train requests with a request_id only): a
+    # request_id reused with a different request is refused, not answered with the old result
+    digest: str | None = None
 
     @property
     def num_pairs(self) -> int:
@@ -52,6 +86,8 @@ class PreparedRequest:
 
 
 def _check_ids(ids: list[int], where: str, vocab_size: int) -> None:
+    if not ids or (min(ids) >= 0 and max(ids) < vocab_size):
+        return
     for j, tok in enumerate(ids):
         if tok < 0 or tok >= vocab_size:
             raise invalid(
@@ -59,21 +95,56 @@ def _check_ids(ids: list[int], where: str, vocab_size: int) -> None:
             )
 
 
+def _check_text(pair: TextPair, i: int, max_chars: int) -> None:
+    """Valid Unicode (no unpaired surrogates) and not longer than any text that fits."""
+    for name in ("prompt", "chosen", "rejected"):
+        text: str = getattr(pair, name)
+        if len(text) > max_chars:
+            raise invalid(
+                f"pairs[{i}].{name}",
+                f"{len(text)} characters cannot fit the token limits (at most {max_chars})",
+            )
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise invalid(
+                f"pairs[{i}].{name}",
+                f"not valid Unicode text: {exc.reason} at character {exc.start}",
+            ) from None
+
+
+def _pair_tokens(
+    pair: TextPair | TokenPair, i: int, tokenizer: TripleTokenizer, limits: Limits
+) -> tuple[PairTokens, tuple[str, str, str]]:
+    """One pair's token ids (every id checked against the model's vocabulary) and the names
+    of its fields."""
+    if isinstance(pair, TextPair):
+        _check_text(pair, i, limits.max_sequence_tokens * MAX_CHARS_PER_TOKEN)
+        with _TOKENIZER_LOCK:  # HF fast tokenizers are not safe to call from two threads
+            tokens = tokenizer.encode_triple(pair.prompt, pair.chosen, pair.rejected)
+        names = ("prompt", "chosen", "rejected")
+        where = "produced by the tokenizer from"
+    else:
+        tokens = PairTokens(list(pair.prompt_ids), list(pair.chosen_ids), list(pair.rejected_ids))
+        names = ("prompt_ids", "chosen_ids", "rejected_ids")
+        where = ""
+    for name, ids_ in zip(names, (tokens.prompt, tokens.chosen, tokens.rejected), strict=True):
+        try:
+            _check_ids(ids_, f"pairs[{i}].{name}", limits.vocab_size)
+        except ServiceError as exc:
+            if not where:
+                raise
+            # a tokenizer larger than the LM head: the text's field, not an index into it
+            raise invalid(
+                f"pairs[{i}].{name}", f"{exc.errors[0].message}, {where} the text"
+            ) from None
+    return tokens, names
+
+
 def _tokenize(request: LossRequest, tokenizer: TripleTokenizer, limits: Limits) -> list[PairTokens]:
     out: list[PairTokens] = []
     for i, pair in enumerate(request.pairs):
-        if isinstance(pair, TextPair):
-            tokens = tokenizer.encode_triple(pair.prompt, pair.chosen, pair.rejected)
-            names = ("prompt", "chosen", "rejected")
-        else:
-            tokens = PairTokens(
-                list(pair.prompt_ids), list(pair.chosen_ids), list(pair.rejected_ids)
-            )
-            names = ("prompt_ids", "chosen_ids", "rejected_ids")
-            for name, ids in zip(
-                names, (tokens.prompt, tokens.chosen, tokens.rejected), strict=True
-            ):
-                _check_ids(ids, f"pairs[{i}].{name}", limits.vocab_size)
+        tokens, names = _pair_tokens(pair, i, tokenizer, limits)
         if not tokens.prompt:
             raise invalid(f"pairs[{i}].{names[0]}", "the prompt must have at least one token")
         for name, ids in ((names[1], tokens.chosen), (names[2], tokens.rejected)):
@@ -121,27 +192,63 @@ def _references(request: LossRequest) -> tuple[str, list[float] | None, list[flo
     return "provided", chosen, rejected
 
 
-def prepare(request: LossRequest, tokenizer: TripleTokenizer, limits: Limits) -> PreparedRequest:
-    """Validate ``request`` against the model and limits, and tokenize it."""
-    if len(request.pairs) > limits.max_pairs:
-        raise invalid(
-            "pairs", f"{len(request.pairs)} pairs, more than the limit of {limits.max_pairs}"
-        )
+def _loss_config(request: LossRequest) -> LossConfig:
+    """The loss and its hyper-parameters; an error names the field that is wrong."""
     try:
-        loss = LossConfig(
+        return LossConfig(
             loss_type=request.loss_type,
             beta=request.beta,
             label_smoothing=request.label_smoothing,
             simpo_gamma=request.simpo_gamma,
         )
     except ValueError as exc:
-        raise invalid("loss_type", str(exc)) from exc
+        message = str(exc)
+        name = next((f for f in _LOSS_FIELDS if message.startswith(f + " ")), "loss_type")
+        raise invalid(name, message.removeprefix(name + " ")) from exc
+
+
+def request_digest(prepared: PreparedRequest) -> str:
+    """sha256 over everything a train step computes from: token ids, the loss and its
+    hyper-parameters, the reference and its values, and ``expected_version``."""
+    h = hashlib.sha256()
+    loss = prepared.loss
+    h.update(
+        repr(
+            (
+                "dpo-train-v1",
+                str(loss.loss_type.value),
+                float(loss.beta).hex(),
+                float(loss.label_smoothing).hex(),
+                float(loss.simpo_gamma).hex(),
+                prepared.reference,
+                prepared.expected_version,
+                len(prepared.pairs),
+            )
+        ).encode()
+    )
+    for values in (prepared.reference_chosen, prepared.reference_rejected):
+        h.update(b"ref:" + (array("d", values).tobytes() if values is not None else b"-"))
+    for pair in prepared.pairs:
+        for ids in (pair.prompt, pair.chosen, pair.rejected):
+            h.update(len(ids).to_bytes(8, "little"))
+            h.update(array("q", ids).tobytes())
+    return h.hexdigest()
+
+
+def prepare(request: LossRequest, tokenizer: TripleTokenizer, limits: Limits) -> PreparedRequest:
+    """Validate ``request`` against the model and limits, and tokenize it (CPU-bound: adapters
+    call it through :func:`off_loop`)."""
+    if len(request.pairs) > limits.max_pairs:
+        raise invalid(
+            "pairs", f"{len(request.pairs)} pairs, more than the limit of {limits.max_pairs}"
+        )
+    loss = _loss_config(request)
     pairs = _tokenize(request, tokenizer, limits)
     num_tokens = sum(len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
     if num_tokens > limits.max_request_tokens:
-        raise ServiceError(
-            ErrorCode.INVALID_ARGUMENT,
-            f"pairs: the request has {num_tokens} tokens, more than the limit of "
+        raise invalid(
+            "pairs",
+            f"the request has {num_tokens} tokens, more than the limit of "
             f"{limits.max_request_tokens}",
         )
     reference, ref_c, ref_r = _references(request)
@@ -152,7 +259,7 @@ def prepare(request: LossRequest, tokenizer: TripleTokenizer, limits: Limits) ->
         )
     if request.expected_version is not None and not request.train:
         raise invalid("expected_version", "only meaningful with train=true")
-    return PreparedRequest(
+    prepared = PreparedRequest(
         pairs=pairs,
         loss=loss,
         reference=reference,
@@ -163,3 +270,6 @@ def prepare(request: LossRequest, tokenizer: TripleTokenizer, limits: Limits) ->
         expected_version=request.expected_version,
         num_tokens=num_tokens,
     )
+    if prepared.train and prepared.request_id is not None:
+        prepared.digest = request_digest(prepared)
+    return prepared

@@ -60,10 +60,22 @@ def check_not_halted(state: TrainState) -> None:
 
 
 def replayed(state: TrainState, request: PreparedRequest) -> LossResult | None:
-    """The remembered result of a retried ``request_id``, else None."""
+    """The remembered result of a retried ``request_id``, else None. The same ``request_id``
+    with a different request (another digest) is a CONFLICT (409 / ABORTED), never the first
+    request's result; entries restored without a digest are replayed as before."""
     if request.request_id is None:
         return None
-    return state.completed.get(request.request_id)
+    entry = state.completed.entry(request.request_id)
+    if entry is None:
+        return None
+    if entry.digest is not None and request.digest is not None and entry.digest != request.digest:
+        raise ServiceError(
+            ErrorCode.CONFLICT,
+            f"request_id {request.request_id!r} was already used by a different train request "
+            f"(its step made model version {entry.result.new_model_version}); a request_id "
+            "is an idempotency key: send a new one for a new request",
+        )
+    return entry.result
 
 
 def check_expected_version(state: TrainState, request: PreparedRequest) -> None:
@@ -199,5 +211,5 @@ def run_train_step(state: TrainState, request: PreparedRequest, settings: Settin
     state.last_train_loss = result.loss
     result = result.trained_as(grad_norm=grad_norm, new_version=state.version)
     if request.request_id is not None:
-        state.completed.remember(request.request_id, result)
+        state.completed.remember(request.request_id, result, request.digest)
     return result

@@ -4,7 +4,7 @@ tokenizer protocol (with the byte tokenizer's adapter for the built-in model).""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -52,6 +52,10 @@ class ModelBundle:
     # False when the model cannot take an explicit attention mask: the engine then lays pairs
     # out as TWO_ROWS instead of SHARED_PREFIX.
     supports_custom_mask: bool = True
+    # What a checkpoint records as the model's architecture, checked at resume (None: the
+    # model's ``config.to_dict()``, as for the built-in model). Hugging Face bundles set
+    # architecture, sizes, vocabulary and a digest of the tensor names and shapes.
+    identity: dict[str, Any] | None = None
 
     @property
     def causal_lm(self) -> CausalLM:

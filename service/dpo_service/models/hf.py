@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dpo_service.models.bundle import ModelBundle
+from dpo_service.models.hf_identity import model_identity, vocab_sha256
 from modern_llm.alignment.logprobs import PairTokens, shared_prefix_mask
 
 __all__ = ["HFCausalLM", "HFTripleTokenizer", "load_hf_bundle"]
@@ -74,6 +75,7 @@ class HFTripleTokenizer:
         self.pad_id: int = (
             pad if pad is not None else (self.eos_id if self.eos_id is not None else 0)
         )
+        self.vocab_sha256 = vocab_sha256(tokenizer)  # checkpoint identity (hf_identity)
 
     def _ids(self, text: str, *, special: bool) -> list[int]:
         return list(self.inner(text, add_special_tokens=special)["input_ids"])
@@ -349,4 +351,5 @@ def load_hf_bundle(path: Path | str, *, device: torch.device, dtype: torch.dtype
         vocab_size=vocab,
         max_seq_len=_max_seq_len(config, tokenizer),
         supports_custom_mask=style is not None,
+        identity=model_identity(config, adapter),
     )

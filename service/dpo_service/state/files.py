@@ -36,11 +36,17 @@ def model_config_of(model: torch.nn.Module) -> dict[str, Any]:
 
 
 def tokenizer_identity(tokenizer: Any) -> dict[str, Any]:
-    return {
+    """Name, size and pad id, plus ``vocab_sha256`` when the tokenizer has one (a hash of
+    its whole vocabulary and special tokens: Hugging Face tokenizers)."""
+    identity = {
         "name": str(getattr(tokenizer, "name", "?")),
         "vocab_size": int(getattr(tokenizer, "vocab_size", -1)),
         "pad_id": int(getattr(tokenizer, "pad_id", -1)),
     }
+    vocab_hash = getattr(tokenizer, "vocab_sha256", None)
+    if isinstance(vocab_hash, str):
+        identity["vocab_sha256"] = vocab_hash
+    return identity
 
 
 def split_optimizer_state(sd: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -101,6 +107,14 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_durably(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` and fsync it (the caller fsyncs the directory)."""
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def write_json(path: Path, value: Any) -> None:

@@ -1,15 +1,28 @@
-"""The checkpoint store: atomic saves, verified loads, keep-K pruning, the directory lock.
+"""The checkpoint store: atomic saves, verified resume, keep-K pruning, the directory lock.
 
 A checkpoint is written into ``.tmp-ckpt-*``, every file and the directory are fsynced, the
-directory is renamed to ``ckpt-<version>``, the parent is fsynced, and only then ``LATEST`` is
-replaced (write, fsync, rename, fsync). A loader verifies every checksum and skips a truncated
-or corrupted checkpoint for the previous good one. The format is in
-:mod:`dpo_service.state.format`; this module only (de)serialises what it is given (the engine
-reads and writes the model).
+directory is renamed to ``ckpt-<version>`` (the commit point) and the parent fsynced; then
+``LATEST`` is replaced (write, fsync, rename, fsync). Guarantees:
+
+- **Resume** (:meth:`CheckpointStore.load_latest`) takes the newest checkpoint that verifies,
+  whatever ``LATEST`` says, skipping (and logging) damaged ones. When checkpoints exist but
+  none verifies it refuses (an error naming each and why) unless ``allow_fresh_start``; one
+  whose weights verify but whose optimizer files do not is resumed with a fresh optimizer only
+  with ``allow_fresh_optimizer``.
+- **Nothing newer is destroyed**: a save never prunes a checkpoint newer than the version it
+  writes, and a damaged directory in the way of a save (left by an earlier run) is moved aside
+  as ``ckpt-<version>.damaged-<time>`` and kept. Only our own damaged copy of the very state
+  being saved is replaced (moved aside, the new one renamed in, then removed).
+- **Writable**: :meth:`CheckpointStore.check_writable` proves at start that files can be
+  created, written, fsynced and removed.
+
+The format is in :mod:`dpo_service.state.format`, verification in
+:mod:`dpo_service.state.verify`; this module only (de)serialises what it is given.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -17,25 +30,25 @@ import time
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from dpo_service.state.files import (
     checkpoint_name,
     fsync_dir,
     fsync_file,
-    join_optimizer_state,
     sha256_file,
     split_optimizer_state,
     unshared_tensors,
     weights_digest,
+    write_durably,
     write_json,
 )
 from dpo_service.state.format import (
+    ASIDE_PREFIX,
+    DAMAGED_SUFFIX,
     FORMAT,
-    IDEMPOTENCY_FILE,
     LATEST_FILE,
     LOCK_FILE,
     MANIFEST_FILE,
@@ -46,51 +59,68 @@ from dpo_service.state.format import (
     STATE_FILE,
     TMP_PREFIX,
     WEIGHTS_FILE,
-    CheckpointCorrupt,
     CheckpointError,
     CheckpointInfo,
     Snapshot,
-    check_compatible,
-    json_file,
     manifest_digest,
 )
+from dpo_service.state.resume import Resume, choose_checkpoint
+from dpo_service.state.verify import inspect, verify
 
 log = logging.getLogger(__name__)
 
 
-# ---------------------------------------------------------------------- the store
 class CheckpointStore:
     """One checkpoint directory: atomic saves, verified loads, keep-K pruning."""
 
     def __init__(self, root: str | os.PathLike[str], keep: int = 3) -> None:
         self.root = Path(root)
         self.keep = max(1, keep)
-        self._lock: TextIO | None = None
-        self._resumed: int | None = None  # version this process resumed from
-        self._written: set[int] = set()  # versions this process wrote
+        self._lock: int | None = None
+        self._own: set[int] = set()  # versions whose directory holds this process's state
 
     # ------------------------------------------------------------- single writer
     def lock(self) -> None:
-        """Take an exclusive lock so two servers never write the same directory."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        """Take an exclusive lock so two servers never write the same directory. The lock
+        file is opened read-only (a flock needs no write access)."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.root / LOCK_FILE, os.O_RDONLY | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise CheckpointError(f"checkpoint directory {self.root} is unusable: {exc}") from None
         try:
             import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except ImportError:  # pragma: no cover - not POSIX
-            return
-        fh = open(self.root / LOCK_FILE, "a+", encoding="utf-8")  # noqa: SIM115
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            pass
         except OSError:
-            fh.close()
+            os.close(fd)
             raise CheckpointError(
                 f"checkpoint directory {self.root} is in use by another server process"
             ) from None
-        self._lock = fh
+        self._lock = fd
 
     def close(self) -> None:
         if self._lock is not None:
-            self._lock.close()  # releases the flock
+            os.close(self._lock)  # releases the flock
             self._lock = None
+
+    def check_writable(self) -> None:
+        """Create, write, fsync and remove a probe file; raise :class:`CheckpointError`
+        when the directory cannot take a checkpoint (read-only, full, permissions)."""
+        probe = self.root / f".write-probe-{uuid.uuid4().hex[:8]}"
+        try:
+            write_durably(probe, b"probe\n")
+            probe.unlink()
+            fsync_dir(self.root)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                probe.unlink(missing_ok=True)
+            raise CheckpointError(
+                f"checkpoint directory {self.root} is not writable ({exc}); checkpoints "
+                "could not be written, so the server does not start"
+            ) from None
 
     # ------------------------------------------------------------- listing
     def versions(self) -> list[int]:
@@ -118,41 +148,105 @@ class CheckpointStore:
         """Every checkpoint with its verification result (for the admin endpoint)."""
         items = []
         for version in reversed(self.versions()):
-            path = self.root / checkpoint_name(version)
-            try:
-                info = self.verify(path)
-                items.append({**info.as_dict(), "valid": True})
-            except CheckpointError as exc:
+            check = inspect(self.root / checkpoint_name(version))
+            if check.valid and check.info is not None:
+                items.append({**check.info.as_dict(), "valid": True})
+            else:
                 items.append(
-                    {"version": version, "path": str(path), "valid": False, "reason": str(exc)}
+                    {
+                        "version": version,
+                        "path": str(check.path),
+                        "valid": False,
+                        "weights_valid": check.weights_valid,
+                        "reason": check.reason,
+                    }
                 )
         return {"directory": str(self.root), "latest": self.latest_name(), "checkpoints": items}
 
+    # ------------------------------------------------------------- load
+    verify = staticmethod(verify)
+
+    def load_latest(
+        self,
+        *,
+        model_config: Mapping[str, Any],
+        tokenizer: Mapping[str, Any],
+        optimizer_template: list[dict[str, Any]] | None = None,
+        allow_fresh_optimizer: bool = False,
+        allow_fresh_start: bool = False,
+    ) -> tuple[Snapshot, CheckpointInfo] | None:
+        """The newest checkpoint that verifies (see :mod:`dpo_service.state.resume`), or None
+        when there is none to resume. Raises :class:`CheckpointCorrupt` when checkpoints exist
+        but none can be resumed (unless ``allow_fresh_start``) and
+        :class:`CheckpointMismatch` when the one found is of another model or tokenizer."""
+        found: Resume | None = choose_checkpoint(
+            self.root,
+            self.versions(),
+            self.latest_name(),
+            model_config=model_config,
+            tokenizer=tokenizer,
+            optimizer_template=optimizer_template,
+            allow_fresh_optimizer=allow_fresh_optimizer,
+            allow_fresh_start=allow_fresh_start,
+        )
+        if found is None:
+            return None
+        if found.snapshot.optimizer is not None:
+            self._own.add(found.snapshot.version)  # the directory holds exactly this state
+        return found.snapshot, found.info
+
     # ------------------------------------------------------------- save
     def save(self, snap: Snapshot) -> CheckpointInfo:
-        """Write ``snap`` atomically as ``ckpt-<version>``, point LATEST at it, prune."""
+        """Write ``snap`` atomically as ``ckpt-<version>``, point LATEST at it, prune older
+        ones beyond ``keep`` (never a newer one)."""
+        if snap.idempotency or snap.optimizer is None:
+            raise ValueError("a snapshot to save holds its optimizer state and no record")
         self.root.mkdir(parents=True, exist_ok=True)
         self._remove_temp_dirs()
         tmp = self.root / f"{TMP_PREFIX}{snap.version:012d}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
             info = self._write_files(tmp, snap)
-            final = self.root / checkpoint_name(snap.version)
-            if final.exists():  # an uncommitted leftover, or an older write of this version
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            fsync_dir(self.root)
+            final = self._commit(tmp, snap.version)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        self._written.add(snap.version)
+        self._own.add(snap.version)
         self._point_latest(final.name)
         self._prune(snap.version)
         return CheckpointInfo(
             snap.version, final, info.files, info.weights_sha256, info.created_unix
         )
 
+    def _commit(self, tmp: Path, version: int) -> Path:
+        """Rename ``tmp`` to ``ckpt-<version>``. A directory already there did not verify
+        (callers keep a valid one): our own copy of this state is replaced; one left by an
+        earlier run is moved aside as ``*.damaged-<time>`` and kept."""
+        final = self.root / checkpoint_name(version)
+        aside: Path | None = None
+        if final.exists():
+            if version in self._own:
+                aside = self.root / f"{ASIDE_PREFIX}{version:012d}-{uuid.uuid4().hex[:8]}"
+            else:
+                stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+                kept = self.root / f"{final.name}{DAMAGED_SUFFIX}{stamp}-{uuid.uuid4().hex[:4]}"
+                log.warning(
+                    "checkpoint %s is in the way of a new save (%s); kept as %s",
+                    final,
+                    inspect(final).reason,
+                    kept.name,
+                )
+                os.rename(final, kept)
+        if aside is not None:
+            os.rename(final, aside)
+        os.rename(tmp, final)
+        fsync_dir(self.root)
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
+        return final
+
     def _write_files(self, tmp: Path, snap: Snapshot) -> CheckpointInfo:
+        assert snap.optimizer is not None
         weights = unshared_tensors(snap.weights)
         save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         opt_tensors, opt_meta = split_optimizer_state(snap.optimizer)
@@ -171,7 +265,6 @@ class CheckpointStore:
                 "created_unix": created,
             },
         )
-        write_json(tmp / IDEMPOTENCY_FILE, [[rid, body] for rid, body in snap.idempotency])
         files: dict[str, dict[str, Any]] = {
             name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
             for name in REQUIRED_FILES
@@ -193,22 +286,20 @@ class CheckpointStore:
 
     def _point_latest(self, name: str) -> None:
         tmp = self.root / f".{LATEST_FILE}.{uuid.uuid4().hex[:8]}.tmp"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(name + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.root / LATEST_FILE)
-        fsync_dir(self.root)
+        try:
+            write_durably(tmp, (name + "\n").encode())
+            os.replace(tmp, self.root / LATEST_FILE)
+            fsync_dir(self.root)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
 
     def _prune(self, current: int) -> None:
-        """Keep the ``keep`` newest checkpoints; first drop those of an abandoned history:
-        newer than the one this process resumed from and not written by it."""
-        floor = -1 if self._resumed is None else self._resumed
-        versions = self.versions()
-        abandoned = [v for v in versions if v > floor and v not in self._written]
-        kept = [v for v in versions if v not in abandoned]
-        doomed = abandoned + kept[: -self.keep]
-        for version in doomed:
+        """Keep the ``keep`` newest checkpoints up to ``current``; never touch a newer one
+        (it may be a damaged-but-recoverable checkpoint of a history this process did not
+        resume)."""
+        older = [v for v in self.versions() if v <= current]
+        for version in older[: -self.keep]:
             path = self.root / checkpoint_name(version)
             try:
                 shutil.rmtree(path)
@@ -216,111 +307,6 @@ class CheckpointStore:
                 log.warning("could not remove old checkpoint %s: %s", path, exc)
 
     def _remove_temp_dirs(self) -> None:
-        for p in self.root.glob(f"{TMP_PREFIX}*"):
-            shutil.rmtree(p, ignore_errors=True)
-
-    # ------------------------------------------------------------- load
-    def verify(self, path: Path) -> CheckpointInfo:
-        """Check the manifest and every file's size and sha256; raise CheckpointCorrupt."""
-        m = NAME_PATTERN.match(path.name)
-        if m is None or not path.is_dir():
-            raise CheckpointCorrupt(f"{path} is not a checkpoint directory")
-        manifest = json_file(path / MANIFEST_FILE)
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            raise CheckpointCorrupt(f"{MANIFEST_FILE}: not a {FORMAT} manifest")
-        if manifest.get("manifest_sha256") != manifest_digest(manifest):
-            raise CheckpointCorrupt(f"{MANIFEST_FILE}: checksum mismatch (edited or corrupted)")
-        if manifest.get("version") != int(m.group(1)):
-            raise CheckpointCorrupt(
-                f"{MANIFEST_FILE}: version {manifest.get('version')} != directory name"
-            )
-        files = manifest.get("files") or {}
-        for name in REQUIRED_FILES:
-            entry = files.get(name)
-            if not isinstance(entry, dict):
-                raise CheckpointCorrupt(f"{MANIFEST_FILE} does not list {name}")
-            fpath = path / name
-            if not fpath.is_file():
-                raise CheckpointCorrupt(f"{name}: missing")
-            size = fpath.stat().st_size
-            if size != entry.get("bytes"):
-                raise CheckpointCorrupt(
-                    f"{name}: {size} bytes, manifest says {entry.get('bytes')} (truncated?)"
-                )
-            if sha256_file(fpath) != entry.get("sha256"):
-                raise CheckpointCorrupt(f"{name}: sha256 mismatch (corrupted)")
-        return CheckpointInfo(
-            int(manifest["version"]),
-            path,
-            {k: v["sha256"] for k, v in files.items()},
-            str(manifest.get("weights_sha256", "")),
-            float(manifest.get("created_unix", 0.0)),
-        )
-
-    def read(
-        self, path: Path, optimizer_template: list[dict[str, Any]] | None = None
-    ) -> tuple[Snapshot, CheckpointInfo]:
-        """Verify ``path`` and load it (safetensors + JSON only). ``optimizer_template``: the
-        live optimizer's param groups (see :func:`join_optimizer_state`)."""
-        info = self.verify(path)
-        try:
-            weights = load_file(str(path / WEIGHTS_FILE), device="cpu")
-            opt_tensors = load_file(str(path / OPTIM_TENSORS_FILE), device="cpu")
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise CheckpointCorrupt(f"unreadable safetensors: {exc}") from exc
-        state = json_file(path / STATE_FILE)
-        opt_meta = json_file(path / OPTIM_META_FILE)
-        record = json_file(path / IDEMPOTENCY_FILE)
-        try:
-            snap = Snapshot(
-                version=int(state["version"]),
-                weights=weights,
-                optimizer=join_optimizer_state(opt_tensors, opt_meta, optimizer_template),
-                model_config=dict(state["model_config"]),
-                tokenizer=dict(state["tokenizer"]),
-                idempotency=[(str(rid), dict(body)) for rid, body in record],
-                extra=dict(state.get("extra") or {}),
-            )
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise CheckpointCorrupt(f"{STATE_FILE}/{OPTIM_META_FILE}: malformed ({exc})") from exc
-        if snap.version != info.version:
-            raise CheckpointCorrupt(f"{STATE_FILE}: version {snap.version} != {info.version}")
-        return snap, info
-
-    def load_latest(
-        self,
-        *,
-        model_config: Mapping[str, Any],
-        tokenizer: Mapping[str, Any],
-        optimizer_template: list[dict[str, Any]] | None = None,
-    ) -> tuple[Snapshot, CheckpointInfo] | None:
-        """The newest valid checkpoint (LATEST first, then newest to oldest), or None.
-
-        Corrupt ones are logged and skipped. One written for another model or tokenizer
-        raises :class:`CheckpointMismatch`.
-        """
-        order = [checkpoint_name(v) for v in reversed(self.versions())]
-        latest = self.latest_name()
-        if latest is not None:
-            if latest in order:
-                order.remove(latest)
-                order.insert(0, latest)
-            else:
-                log.warning(
-                    "checkpoint pointer %s names %s, which does not exist; falling back",
-                    self.root / LATEST_FILE,
-                    latest,
-                )
-        for name in order:
-            path = self.root / name
-            try:
-                snap, info = self.read(path, optimizer_template)
-            except CheckpointError as exc:
-                log.warning("skipping checkpoint %s: %s; trying the previous one", path, exc)
-                continue
-            check_compatible(path, snap, model_config, tokenizer)
-            self._resumed = snap.version
-            return snap, info
-        if order:
-            log.warning("no valid checkpoint in %s; starting from the initial weights", self.root)
-        return None
+        for prefix in (TMP_PREFIX, ASIDE_PREFIX):
+            for p in self.root.glob(f"{prefix}*"):
+                shutil.rmtree(p, ignore_errors=True)

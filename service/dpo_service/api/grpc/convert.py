@@ -57,6 +57,43 @@ _REF_KEYS = ("reference_chosen_logp", "reference_rejected_logp")
 
 
 # ----------------------------------------------------------------------- server side
+def check_request_size(
+    msg: pb.ComputeLossRequest,
+    *,
+    max_pairs: int,
+    max_request_tokens: int,
+    max_sequence_tokens: int | None = None,
+) -> None:
+    """Refuse (INVALID_ARGUMENT, the same messages as the service's own checks) a request
+    whose pair count or token ids exceed the limits, from the parsed message's lengths alone:
+    nothing is converted to Python objects first, so a message of millions of ids costs its
+    parse and no more. Text is measured after tokenization, as for REST."""
+    if len(msg.pairs) > max_pairs:
+        raise invalid("pairs", f"{len(msg.pairs)} pairs, more than the limit of {max_pairs}")
+    total = 0
+    for i, pair in enumerate(msg.pairs):
+        if pair.WhichOneof("input") != "tokens":
+            continue
+        ids = pair.tokens
+        prompt = len(ids.prompt_ids)
+        for name, n in (
+            ("chosen_ids", len(ids.chosen_ids)),
+            ("rejected_ids", len(ids.rejected_ids)),
+        ):
+            if max_sequence_tokens is not None and prompt + n > max_sequence_tokens:
+                raise invalid(
+                    f"pairs[{i}].{name}",
+                    f"prompt + response is {prompt + n} tokens, more than the limit of "
+                    f"{max_sequence_tokens}",
+                )
+            total += n
+        total += prompt
+    if total > max_request_tokens:
+        raise invalid(
+            "pairs", f"the request has {total} tokens, more than the limit of {max_request_tokens}"
+        )
+
+
 def request_to_dict(msg: pb.ComputeLossRequest) -> dict[str, Any]:
     """A ``ComputeLossRequest`` as the equivalent REST body (for ``Admission.parse``)."""
     pairs: list[dict[str, Any]] = []

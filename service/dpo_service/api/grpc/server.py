@@ -4,8 +4,13 @@ the standard ``grpc.health.v1.Health`` service (NOT_SERVING until
 
 Channel options set on the server:
 
-``grpc.max_receive_message_length`` / ``grpc.max_send_message_length``
-    ``settings.grpc_max_message_bytes`` (larger messages: RESOURCE_EXHAUSTED).
+``grpc.max_receive_message_length``
+    twice ``settings.grpc_max_message_bytes``: the service's deserializer refuses anything over
+    the limit itself (RESOURCE_EXHAUSTED with the ``dpo-error-code: too_large`` trailers,
+    never parsed); grpc's own check, without those trailers, stops messages over twice the
+    limit before they are buffered whole.
+``grpc.max_send_message_length``
+    ``settings.grpc_max_message_bytes``.
 ``grpc.keepalive_time_ms`` = 30000, ``grpc.keepalive_timeout_ms`` = 10000
     the server pings a connection idle for 30 s and drops it when no ack comes in 10 s
     (dead trainers' streams do not linger).
@@ -47,28 +52,32 @@ def _serialize(message: Any) -> bytes:
     return bytes(message.SerializeToString())
 
 
-def _handlers(servicer: DpoServicer) -> grpc.GenericRpcHandler:
+def _handlers(servicer: DpoServicer, max_bytes: int) -> grpc.GenericRpcHandler:
     """Method handlers as the generated ``add_DpoServiceServicer_to_server`` builds them,
-    but with a deserializer that turns unparsable bytes into INVALID_ARGUMENT."""
+    but with a deserializer that turns unparsable bytes into INVALID_ARGUMENT and messages
+    over ``max_bytes`` into RESOURCE_EXHAUSTED, on every RPC; loss requests are parsed by
+    their handler, off the event loop."""
     handlers = {
         "ComputeLoss": grpc.unary_unary_rpc_method_handler(
             servicer.ComputeLoss,
-            request_deserializer=safe_deserializer(pb.ComputeLossRequest),
+            request_deserializer=safe_deserializer(pb.ComputeLossRequest, max_bytes, defer=True),
             response_serializer=_serialize,
         ),
         "StreamComputeLoss": grpc.stream_stream_rpc_method_handler(
             servicer.StreamComputeLoss,
-            request_deserializer=safe_deserializer(pb.StreamComputeLossRequest),
+            request_deserializer=safe_deserializer(
+                pb.StreamComputeLossRequest, max_bytes, defer=True
+            ),
             response_serializer=_serialize,
         ),
         "GetModelInfo": grpc.unary_unary_rpc_method_handler(
             servicer.GetModelInfo,
-            request_deserializer=safe_deserializer(pb.GetModelInfoRequest),
+            request_deserializer=safe_deserializer(pb.GetModelInfoRequest, max_bytes),
             response_serializer=_serialize,
         ),
         "Checkpoint": grpc.unary_unary_rpc_method_handler(
             servicer.Checkpoint,
-            request_deserializer=safe_deserializer(pb.CheckpointRequest),
+            request_deserializer=safe_deserializer(pb.CheckpointRequest, max_bytes),
             response_serializer=_serialize,
         ),
     }
@@ -102,7 +111,7 @@ class GrpcServer:
 def server_options(settings: Settings) -> list[tuple[str, int]]:
     size = settings.grpc_max_message_bytes
     return [
-        ("grpc.max_receive_message_length", size),
+        ("grpc.max_receive_message_length", min(2 * size, 2**31 - 1)),
         ("grpc.max_send_message_length", size),
         *KEEPALIVE_OPTIONS,
         ("grpc.so_reuseport", 0),
@@ -115,7 +124,8 @@ async def start_grpc_server(admission: Admission, settings: Settings) -> GrpcSer
     Health starts NOT_SERVING; the caller flips it with :meth:`GrpcServer.set_serving`.
     """
     server = grpc.aio.server(options=server_options(settings))
-    server.add_generic_rpc_handlers((_handlers(DpoServicer(admission)),))
+    servicer = DpoServicer(admission)
+    server.add_generic_rpc_handlers((_handlers(servicer, settings.grpc_max_message_bytes),))
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
