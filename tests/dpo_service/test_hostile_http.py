@@ -397,6 +397,9 @@ def test_rejections_outside_the_endpoints_are_counted(srv: ServerThread) -> None
         assert delta == 1, (endpoint, code, delta)
 
 
+PROBED = ("path=/health/live ", "path=/metrics ", "path=/no/such/path ")
+
+
 def test_probes_log_at_debug_and_uvicorn_access_log_is_off(
     srv: ServerThread, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -405,7 +408,14 @@ def test_probes_log_at_debug_and_uvicorn_access_log_is_off(
         c.get("/health/live")
         c.get("/metrics")
         c.get("/no/such/path")
-    lines = [r for r in caplog.records if "http_request" in r.getMessage()]
+    # each line is logged once its response is sent: wait (bounded) until all three are in
+    deadline = time.monotonic() + 5
+    lines = []
+    while time.monotonic() < deadline:
+        lines = [r for r in caplog.records if "http_request" in r.getMessage()]
+        if sum(p in r.getMessage() for r in lines for p in PROBED) >= 3:
+            break
+        time.sleep(0.02)
     probe = [r for r in lines if "path=/health/live" in r.getMessage()]
     scrape = [r for r in lines if "path=/metrics" in r.getMessage()]
     missing = [r for r in lines if "path=/no/such/path" in r.getMessage()]

@@ -48,6 +48,18 @@ def _send_all(srv: ServerProcess, n: int) -> tuple[list[threading.Thread], dict[
     return threads, results
 
 
+def _wait_for_a_batch(srv: ServerProcess, timeout_s: float = 30.0) -> None:
+    """Until the engine has started its first batch (``dpo_batch_requests_count`` >= 1)."""
+    deadline = time.monotonic() + timeout_s
+    with srv.client() as c:
+        while time.monotonic() < deadline:
+            for line in c.get("/metrics").text.splitlines():
+                if line.startswith("dpo_batch_requests_count") and float(line.split()[-1]) >= 1:
+                    return
+            time.sleep(0.02)
+    raise AssertionError("the engine started no batch within the time limit")
+
+
 @pytest.mark.slow
 def test_sigterm_drains_in_flight_work_checkpoints_and_exits_0(tmp_path: Path) -> None:
     ckpt = tmp_path / "ckpt"
@@ -99,7 +111,7 @@ def test_drain_timeout_bounds_shutdown(tmp_path: Path) -> None:
     try:
         srv.wait_ready()
         threads, results = _send_all(srv, 8)
-        time.sleep(0.5)
+        _wait_for_a_batch(srv)  # one step is running (a fixed sleep raced a loaded machine)
         started = time.monotonic()
         srv.signal(signal.SIGTERM)
         assert srv.wait(30) == 0, srv.log()
