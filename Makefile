@@ -1,10 +1,11 @@
 # Verbs: dev (install), proto (regenerate stubs), lint, test, check (lint + test), serve, bench,
-# bench-precision (fp32 vs bf16 autocast), gpu-check (CUDA tests + precision bench on a GPU).
+# bench-precision (fp32 vs bf16 autocast), bench-hf (an hf: Llama vs the built-in model),
+# gpu-check (CUDA tests + precision bench on a GPU).
 PY := .venv/bin/python
 export PYTHONHASHSEED := 0
 
 .PHONY: dev proto proto-check buf-lint compose-check lint test test-fast check serve bench \
-	bench-precision gpu-check
+	bench-precision bench-hf gpu-check
 
 dev:
 	bash scripts/setup.sh
@@ -42,6 +43,9 @@ bench:
 
 bench-precision:
 	$(PY) bench/precision.py
+
+bench-hf:
+	$(PY) bench/hf.py
 
 gpu-check:
 	bash bench/gpu_check.sh

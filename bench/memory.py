@@ -18,7 +18,7 @@ from typing import Any
 
 from modern_llm.alignment.logprobs import PairTokens
 
-CASES = ("A loss", "engine loss", "A train", "engine train")
+CASES = ("A loss", "engine loss", "A train", "engine train", "engine train previous")
 _HERE = Path(__file__).resolve().parent
 
 
@@ -41,14 +41,16 @@ def measure_in_child(case: str, workload: str, smoke: bool) -> dict[str, Any]:
     """Runs inside the child: one step of ``case``; sizes in MiB."""
     import torch
     from baseline import textbook_loss, textbook_train_step
-    from paths import Harness
+    from paths import Harness, train_step_with
     from workloads import BENCH_MODEL, SMOKE_MODEL, SMOKE_WORKLOADS, WORKLOADS, build_model
 
     wl = (SMOKE_WORKLOADS if smoke else WORKLOADS)[workload]
     cfg = wl.config(SMOKE_MODEL if smoke else BENCH_MODEL)
     model = build_model(cfg)
     pairs = wl.make_pairs(cfg.vocab_size)
-    if case.startswith("engine"):
+    if case == "engine train previous":  # padded rows, chunked head
+        step = train_step_with(Harness(model), head="chunked", padded=True)
+    elif case.startswith("engine"):
         harness = Harness(model)
         step = harness.loss if case == "engine loss" else harness.train
     elif case == "A loss":

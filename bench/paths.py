@@ -6,7 +6,8 @@
 - ``engine train``: :func:`dpo_service.engine.train_step.run_train_step` (forward, loss, backward, clip,
   AdamW), what the engine runs for ``train=true``.
 - ablations: one lever at a time (one pass instead of two, the chunked LM head, each layout,
-  the LM-head backward variants, bucketing off).
+  bucketing off), and the previous defaults (padded rows, the chunked LM head in train
+  steps) next to the new ones, each also on its own.
 """
 
 from __future__ import annotations
@@ -18,15 +19,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from dpo_service.engine.forward import forward_logps
 from dpo_service.engine.preparation import PreparedRequest
 from dpo_service.engine.train_state import TrainState
 from dpo_service.engine.train_step import run_train_step
 from dpo_service.models.bundle import ByteTripleTokenizer, ModelBundle
-from dpo_service.settings import Settings
-from modern_llm.alignment import logprobs
+from dpo_service.settings import LogpHeadName, Settings
 from modern_llm.alignment.dpo_loss import LossConfig, dpo_loss
 from modern_llm.alignment.logprobs import LogpStrategy, PairTokens, pair_logps
 from modern_llm.models.transformer import ModernDecoderLM
@@ -100,56 +99,35 @@ def library_loss(strategy: LogpStrategy) -> Callable[[ModernDecoderLM, list[Pair
     return run
 
 
-def _old_chunk(h: Tensor, t: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    logits = F.linear(h, w, b).float()  # (chunk, V): the whole vocabulary at once
-    return logits.gather(1, t[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
-
-
-def _unblocked(recompute: bool) -> Callable[..., Tensor]:
-    """The LM head as autograd ops over (chunk, V) logits: with ``recompute`` each chunk is
-    activation-checkpointed (the seed library's first version), else autograd keeps every
-    chunk's logits for backward."""
-
-    def head(
-        hidden: Tensor, targets: Tensor, weight: Tensor, chunk_size: int, bias: Tensor | None = None
-    ) -> Tensor:
-        grad = torch.is_grad_enabled() and hidden.requires_grad
-        out = []
-        for s in range(0, hidden.shape[0], chunk_size):
-            h, t = hidden[s : s + chunk_size], targets[s : s + chunk_size]
-            if grad and recompute:
-                out.append(checkpoint(_old_chunk, h, t, weight, bias, use_reentrant=False))
-            else:
-                out.append(_old_chunk(h, t, weight, bias))
-        return torch.cat(out)
-
-    return head
-
-
 @contextmanager
-def lm_head_variant(name: str) -> Iterator[None]:
-    """Swap the library's LM head for ``checkpointed`` or ``stored`` (unblocked autograd)."""
-    original = logprobs.linear_token_logps
-    logprobs.linear_token_logps = _unblocked(recompute=name == "checkpointed")  # type: ignore[assignment]
+def padded_rows(model: ModernDecoderLM, on: bool = True) -> Iterator[None]:
+    """The previous default: the model runs every padded position (no ``token_mask``)."""
+    if on:
+        model.supports_token_mask = False  # type: ignore[misc]
     try:
         yield
     finally:
-        logprobs.linear_token_logps = original  # type: ignore[assignment]
+        if on:
+            del model.supports_token_mask
 
 
 def train_step_with(
-    harness: Harness, strategy: str | None = None, head: str | None = None
+    harness: Harness,
+    strategy: str | None = None,
+    head: str | None = None,
+    padded: bool = False,
 ) -> Callable[[list[PairTokens]], float]:
-    """The engine's train step with another layout and/or LM-head variant."""
+    """The engine's train step with another layout, LM head (``chunked``, ``stored``) and/or
+    padded rows (see :func:`padded_rows`)."""
+    update: dict[str, Any] = {} if strategy is None else {"logp_strategy": strategy}
+    if head is not None:
+        update["logp_head"] = LogpHeadName(head)
 
     def run(pairs: list[PairTokens]) -> float:
         saved = harness.settings
-        if strategy is not None:
-            harness.settings = saved.model_copy(update={"logp_strategy": strategy})
+        harness.settings = saved.model_copy(update=update)
         try:
-            if head is None:
-                return harness.train(pairs)
-            with lm_head_variant(head):
+            with padded_rows(harness.model, padded):
                 return harness.train(pairs)
         finally:
             harness.settings = saved
@@ -157,8 +135,18 @@ def train_step_with(
     return run
 
 
+def loss_with_padded_rows(harness: Harness) -> Callable[[list[PairTokens]], Tensor]:
+    """The previous loss-only default: every padded position through the model."""
+
+    def run(pairs: list[PairTokens]) -> Tensor:
+        with padded_rows(harness.model):
+            return harness.loss(pairs)
+
+    return run
+
+
 def loss_without_bucketing(harness: Harness) -> Callable[[list[PairTokens]], Tensor]:
-    """Lever 4 off: the whole batch as one micro-batch (padded to its longest pair)."""
+    """Lever 4 off: the whole batch as one micro-batch (rows padded to its longest pair)."""
 
     def run(pairs: list[PairTokens]) -> Tensor:
         return library_loss(LogpStrategy.AUTO)(harness.model, pairs)

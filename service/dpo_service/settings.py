@@ -89,6 +89,14 @@ class LogpStrategyName(str, Enum):
     SHARED_PREFIX = "shared_prefix"
 
 
+class LogpHeadName(str, Enum):
+    """Which LM head computes response log-probs with autograd (see README "Benchmarks")."""
+
+    AUTO = "auto"
+    CHUNKED = "chunked"
+    STORED = "stored"
+
+
 class Settings(BaseSettings):
     """Service configuration (env prefix ``DPO_``)."""
 
@@ -182,6 +190,26 @@ class Settings(BaseSettings):
         description="Flush float denormals to zero on CPU (a saturated DPO sigmoid sends "
         "~1e-37 gradients through backward; denormal arithmetic slowed train steps many-fold).",
     )
+
+    # --- compute: LM head and its memory budget (issue 15) ---------------------------------
+    logp_head: LogpHeadName = Field(
+        LogpHeadName.AUTO,
+        description="LM head: `auto` (train steps keep the (positions × vocab) softmax for "
+        "backward when it fits `DPO_MEMORY_BUDGET_MB`, the faster step; else, and without "
+        "gradients, the chunked head), `chunked` or `stored`.",
+    )
+    memory_budget_mb: int | None = Field(
+        None,
+        ge=0,
+        description="MiB the stored LM head may use per micro-batch (`DPO_LOGP_HEAD=auto`); 0 "
+        "or unset: half the free memory at the time (CUDA: free device memory; CPU: "
+        "available RAM).",
+    )
+
+    @property
+    def memory_budget_bytes(self) -> int | None:
+        """``memory_budget_mb`` in bytes; None (derive from the device) when 0 or unset."""
+        return self.memory_budget_mb * 2**20 if self.memory_budget_mb else None
 
     # --- limits --------------------------------------------------------------------------
     max_pairs_per_request: int = Field(256, gt=0, description="Pairs in one request (422 above).")

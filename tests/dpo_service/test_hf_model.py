@@ -91,6 +91,18 @@ def bundle(model_dir: Path) -> ModelBundle:
     return _load(model_dir)
 
 
+@pytest.fixture(scope="module")
+def stock_model(model_dir: Path) -> Any:
+    """The same checkpoint as transformers loads it, untouched by the adapter (the reference)."""
+    return _stock_model(model_dir)
+
+
+def _stock_model(path: Path) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, local_files_only=True).eval()
+
+
 def _load(path: Path | str) -> ModelBundle:
     return load_bundle(
         f"hf:{path}",
@@ -127,6 +139,7 @@ def test_bundle_metadata(bundle: ModelBundle, model_dir: Path) -> None:
     assert bundle.vocab_size == len(SPECIALS) + len(WORDS)
     assert bundle.max_seq_len == 128
     assert bundle.supports_custom_mask is True  # the 4D mask probe passed for Llama
+    assert bundle.model.supports_prefix_cache is True  # and the prefix KV cache probe
     tok = bundle.tokenizer
     assert tok.vocab_size == bundle.vocab_size and tok.pad_id == PAD
     assert tok.name.endswith(f":{model_dir.name}")
@@ -208,27 +221,30 @@ def test_pad_falls_back_to_eos() -> None:
 # ------------------------------------------------------------------------------ numerics
 
 
-@pytest.mark.parametrize("strategy", [LogpStrategy.TWO_ROWS, LogpStrategy.SHARED_PREFIX])
-def test_logps_equal_transformers_forward(bundle: ModelBundle, strategy: LogpStrategy) -> None:
+@pytest.mark.parametrize(
+    "strategy", [LogpStrategy.TWO_ROWS, LogpStrategy.SHARED_PREFIX, LogpStrategy.PREFIX_CACHE]
+)
+def test_logps_equal_transformers_forward(
+    bundle: ModelBundle, stock_model: Any, strategy: LogpStrategy
+) -> None:
     pairs = _encode(bundle)
-    adapter = bundle.model
-    assert isinstance(adapter, HFCausalLM)
     with torch.no_grad():
         got = pair_logps(bundle.causal_lm, pairs, strategy=strategy, pad_id=bundle.tokenizer.pad_id)
     for i, pair in enumerate(pairs):
-        chosen, rejected = _reference_logps(adapter.model, pair)
+        chosen, rejected = _reference_logps(stock_model, pair)
         assert float(got.chosen[i]) == pytest.approx(chosen, abs=1e-5)
         assert float(got.rejected[i]) == pytest.approx(rejected, abs=1e-5)
     assert got.chosen_tokens.tolist() == [len(p.chosen) for p in pairs]
 
 
-def test_shared_prefix_gradients_match_two_rows(model_dir: Path) -> None:
+@pytest.mark.parametrize("strategy", [LogpStrategy.SHARED_PREFIX, LogpStrategy.PREFIX_CACHE])
+def test_layout_gradients_match_two_rows(model_dir: Path, strategy: LogpStrategy) -> None:
     b = _load(model_dir)
     pairs = _encode(b)
     grads = []
-    for strategy in (LogpStrategy.TWO_ROWS, LogpStrategy.SHARED_PREFIX):
+    for layout in (LogpStrategy.TWO_ROWS, strategy):
         b.model.zero_grad(set_to_none=True)
-        logps = pair_logps(b.causal_lm, pairs, strategy=strategy, pad_id=b.tokenizer.pad_id)
+        logps = pair_logps(b.causal_lm, pairs, strategy=layout, pad_id=b.tokenizer.pad_id)
         dpo_loss(logps.chosen, logps.rejected, beta=0.5).backward()
         grads.append(torch.cat([p.grad.flatten() for p in b.model.parameters()]))  # type: ignore[union-attr]
     torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)

@@ -108,6 +108,8 @@ def forward_logps(
                 strategy=strategy,
                 chunk_size=settings.logp_chunk_size,
                 pad_id=bundle.tokenizer.pad_id,
+                head=settings.logp_head,
+                memory_budget_bytes=settings.memory_budget_bytes,
             )
         parts.append((group, logps))
     return _concat(parts, len(pairs))

@@ -115,6 +115,8 @@ def accumulate_gradients(
                 strategy=strategy_for(settings, state.bundle),
                 chunk_size=settings.logp_chunk_size,
                 pad_id=state.bundle.tokenizer.pad_id,
+                head=settings.logp_head,
+                memory_budget_bytes=settings.memory_budget_bytes,
             )
         inputs = preference_inputs(request, logps, ref, group)  # float32 log-probs
         out = compute_loss(request, inputs)

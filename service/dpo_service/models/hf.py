@@ -24,30 +24,45 @@ on response positions (the adapter returns the decoder's final-normed hidden sta
 :func:`~modern_llm.alignment.logprobs.pair_logps` applies ``lm_head`` in chunks); prefix sharing
 (``SHARED_PREFIX``) through a 4D attention mask with explicit ``position_ids`` when a load-time
 probe shows the architecture honours it exactly, otherwise the bundle says
-``supports_custom_mask=False`` and the engine uses ``TWO_ROWS``. Dropout is disabled, as TRL does.
+``supports_custom_mask=False`` and the engine uses ``TWO_ROWS``; the prefix KV cache
+(``PREFIX_CACHE``, what ``auto`` runs for loss-only work: the prompts once, causal, their
+``transformers`` cache tiled over the chosen and rejected rows) when a second probe shows it
+exact (:mod:`dpo_service.models.hf_probes`); Llama-style RMSNorms run as one fused kernel where
+that is exact (:mod:`dpo_service.models.hf_speed`). Dropout is disabled, as TRL does.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dpo_service.models import hf_speed
 from dpo_service.models.bundle import ModelBundle
 from dpo_service.models.hf_identity import model_identity, vocab_sha256
-from modern_llm.alignment.logprobs import PairTokens, shared_prefix_mask
+from dpo_service.models.hf_probes import (
+    MASK_STYLES,
+    check_lm_head,
+    probe_custom_mask,
+    probe_prefix_cache,
+)
+from dpo_service.models.hf_speed import KVCache
+from modern_llm.alignment.logprobs import PairTokens
 
-__all__ = ["HFCausalLM", "HFTripleTokenizer", "load_hf_bundle"]
+__all__ = [
+    "HFCausalLM",
+    "HFTripleTokenizer",
+    "check_lm_head",
+    "load_hf_bundle",
+    "probe_custom_mask",
+    "probe_prefix_cache",
+]
 
 log = logging.getLogger(__name__)
-
-# Config attributes of architectures whose logits are not ``lm_head(final hidden state)``.
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
-MASK_STYLES = ("additive", "bool")
 
 
 def _transformers() -> Any:
@@ -69,13 +84,13 @@ class HFTripleTokenizer:
         source = Path(str(getattr(tokenizer, "name_or_path", "") or "")).name
         self.name = f"{type(tokenizer).__name__}:{source}" if source else type(tokenizer).__name__
         self.vocab_size = len(tokenizer)
+        self.vocab_sha256 = vocab_sha256(tokenizer)  # checkpoint identity (hf_identity)
         self.bos_id: int | None = tokenizer.bos_token_id
         self.eos_id: int | None = tokenizer.eos_token_id
         pad = tokenizer.pad_token_id
         self.pad_id: int = (
             pad if pad is not None else (self.eos_id if self.eos_id is not None else 0)
         )
-        self.vocab_sha256 = vocab_sha256(tokenizer)  # checkpoint identity (hf_identity)
 
     def _ids(self, text: str, *, special: bool) -> list[int]:
         return list(self.inner(text, add_special_tokens=special)["input_ids"])
@@ -118,7 +133,9 @@ class HFCausalLM(nn.Module):
     ``hidden_states`` runs only the decoder body (no LM head) and returns its last hidden state;
     an explicit boolean "may attend" mask ``attn_mask`` (B, T, S) is passed as a (B, 1, T, S)
     4D ``attention_mask`` in ``mask_style``: ``"additive"`` (0 / dtype-min, what recent
-    ``transformers`` expects) or ``"bool"``.
+    ``transformers`` expects) or ``"bool"``. With ``supports_prefix_cache`` (set by the load-time
+    probe, :func:`~dpo_service.models.hf_probes.probe_prefix_cache`) it also keeps and reuses a
+    KV cache, as the built-in model does for ``PREFIX_CACHE``.
     """
 
     def __init__(self, model: nn.Module, *, mask_style: str = "additive") -> None:
@@ -127,7 +144,25 @@ class HFCausalLM(nn.Module):
             raise ValueError(f"mask_style must be one of {MASK_STYLES}, got {mask_style!r}")
         self.model = model  # the only registered submodule: state_dict keys are "model.*"
         self.mask_style = mask_style
-        _decoder_of(model)  # fail early
+        self.supports_prefix_cache = False  # until probe_prefix_cache says otherwise
+        self.stock_modules: dict[str, nn.Module] = {}  # what fuse_modules replaced
+        decoder = _decoder_of(model)  # fail early
+        # transformers 5 renamed the decoder's ``past_key_values`` argument to ``cache``.
+        params = inspect.signature(decoder.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+
+    def fuse_modules(self) -> int:
+        """Swap in the fused modules of :mod:`~dpo_service.models.hf_speed` where they compute
+        exactly what the originals do; returns how many were replaced."""
+        self.stock_modules.update(hf_speed.fuse_rms_norms(self.model))
+        return len(self.stock_modules)
+
+    def use_stock_paths(self) -> None:
+        """Back to the stock paths: ``transformers``' own modules and no prefix KV cache (what
+        the adapter ran before its speed paths; for side-by-side measurements)."""
+        hf_speed.restore_modules(self.model, self.stock_modules)
+        self.stock_modules = {}
+        self.supports_prefix_cache = False
 
     @property
     def lm_head(self) -> nn.Module:
@@ -153,6 +188,14 @@ class HFCausalLM(nn.Module):
         zeros = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
         return zeros.masked_fill(~allowed, torch.finfo(dtype).min)
 
+    def _mask_dtype(self, device: torch.device) -> torch.dtype:
+        """The additive mask's dtype: the autocast dtype when autocast is on (what attention
+        runs in, so no layer converts the mask again), else the weights' (float32 if not float)."""
+        if torch.is_autocast_enabled(device.type):
+            return torch.get_autocast_dtype(device.type)
+        dtype = self.lm_head_weight.dtype
+        return dtype if dtype.is_floating_point else torch.float32
+
     def hidden_states(
         self,
         input_ids: Tensor,
@@ -160,112 +203,47 @@ class HFCausalLM(nn.Module):
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
         attn_mask: Tensor | None = None,
-        past_key_values: Any = None,
+        past_key_values: KVCache | None = None,
         use_cache: bool = False,
-    ) -> Tensor:
-        """Final-normed hidden states (B, T, D) of the decoder body.
+    ) -> Any:
+        """Final-normed hidden states (B, T, D) of the decoder body, plus the new KV cache (one
+        ``(key, value)`` pair per layer) when ``use_cache``.
 
         ``attention_mask`` is a (B, S) 1/0 padding mask; ``attn_mask`` an explicit boolean
         (B, T, S) or (B, 1, T, S) "may attend" mask replacing the causal one (combined with the
-        padding mask when both are given). KV caches are not supported here.
+        padding mask when both are given). ``past_key_values``: a cache from an earlier call;
+        one of batch B' dividing B is tiled (input row i continues cache row i mod B', e.g. one
+        cached prompt shared by its chosen and its rejected row). Caches need
+        ``supports_prefix_cache``.
         """
-        if past_key_values is not None or use_cache:
-            raise NotImplementedError("HFCausalLM.hidden_states does not support KV caches")
+        if (past_key_values is not None or use_cache) and not self.supports_prefix_cache:
+            raise NotImplementedError("KV caches are not supported for this model")
         mask: Tensor | None = attention_mask
         if attn_mask is not None:
             allowed = attn_mask.bool()
             if attention_mask is not None:
                 keys = attention_mask.bool()[:, None, :]  # (B, 1, S)
                 allowed = allowed & (keys if allowed.dim() == 3 else keys[:, None])
-            dtype = self.lm_head_weight.dtype
-            mask = self._mask_4d(allowed, dtype if dtype.is_floating_point else torch.float32)
-        kwargs: dict[str, Any] = {"input_ids": input_ids, "use_cache": False}
+            mask = self._mask_4d(allowed, self._mask_dtype(input_ids.device))
+        kwargs: dict[str, Any] = {"input_ids": input_ids, "use_cache": use_cache}
         if mask is not None:
             kwargs["attention_mask"] = mask
         if position_ids is not None:
             kwargs["position_ids"] = position_ids
+        if past_key_values is not None:
+            kwargs[self._cache_arg] = hf_speed.tiled_cache(past_key_values, input_ids.shape[0])
         out = _decoder_of(self.model)(**kwargs)
         hidden = getattr(out, "last_hidden_state", None)
-        return hidden if isinstance(hidden, Tensor) else out[0]
+        hidden = hidden if isinstance(hidden, Tensor) else out[0]
+        if not use_cache:
+            return hidden
+        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        return hidden, hf_speed.kv_pairs(cache)
 
     def forward(self, input_ids: Tensor, **kwargs: Any) -> Tensor:
         """Full logits (B, T, V) from the wrapped model (for checks; the service never calls it)."""
         logits: Tensor = self.model(input_ids=input_ids, use_cache=False, **kwargs).logits
         return logits
-
-
-# ------------------------------------------------------------------------------ load-time probe
-
-
-def _rel_err(a: Tensor, b: Tensor) -> float:
-    return float((a.float() - b.float()).abs().max() / (b.float().abs().max() + 1e-6))
-
-
-def _tolerance(dtype: torch.dtype) -> float:
-    return 1e-3 if dtype == torch.float32 or dtype == torch.float64 else 5e-2
-
-
-def _probe_ids(vocab: int, n: int, device: torch.device) -> Tensor:
-    return torch.tensor([(7 * i + 3) % vocab for i in range(n)], device=device)[None]
-
-
-@torch.no_grad()
-def check_lm_head(adapter: HFCausalLM) -> None:
-    """Raise ``ValueError`` unless ``lm_head(hidden_states(x))`` equals the model's logits."""
-    config = getattr(adapter.model, "config", None)
-    for attr in _LOGIT_TRANSFORMS:
-        value = getattr(config, attr, None)
-        if value not in (None, 0, 0.0, 1, 1.0):
-            raise ValueError(
-                f"{type(adapter.model).__name__} transforms its logits ({attr}={value}); "
-                "the response-only LM head does not support that architecture"
-            )
-    weight = adapter.lm_head_weight
-    ids = _probe_ids(weight.shape[0], 8, weight.device)
-    expected = adapter(ids)
-    got = F.linear(adapter.hidden_states(ids), weight, adapter.lm_head_bias)
-    err = _rel_err(got, expected)
-    if not err <= _tolerance(weight.dtype):
-        raise ValueError(
-            f"{type(adapter.model).__name__}: logits differ from lm_head(final hidden state) "
-            f"(relative error {err:.3g}); this architecture is not supported"
-        )
-
-
-@torch.no_grad()
-def probe_custom_mask(adapter: HFCausalLM) -> str | None:
-    """The mask style under which the shared-prefix layout matches separate rows, or ``None``.
-
-    Runs ``[prompt][rejected]`` on its own (truth), ``[prompt][chosen][rejected]`` with the
-    shared-prefix mask and positions (must match the truth at the rejected tokens) and the same
-    row with a plain causal 4D mask (rejected sees chosen: must differ, so a mask that is
-    silently ignored is caught).
-    """
-    weight = adapter.lm_head_weight
-    ids = _probe_ids(weight.shape[0], 9, weight.device)  # prompt 0..2, chosen 3..5, rejected 6..8
-    p, c, r = ids[:, :3], ids[:, 3:6], ids[:, 6:]
-    pos = torch.tensor([[0, 1, 2, 3, 4, 5, 3, 4, 5]], device=weight.device)
-    segments = torch.tensor([[0, 0, 0, 1, 1, 1, 2, 2, 2]], device=weight.device)
-    shared = shared_prefix_mask(segments)  # (1, 9, 9)
-    causal = torch.ones(9, 9, dtype=torch.bool, device=weight.device).tril()[None]
-    truth = adapter.hidden_states(torch.cat([p, r], dim=1))[:, 3:]
-    row = torch.cat([p, c, r], dim=1)
-    original = adapter.mask_style
-    for style in MASK_STYLES:
-        adapter.mask_style = style
-        try:
-            masked = adapter.hidden_states(row, position_ids=pos, attn_mask=shared)[:, 6:]
-            leaky = adapter.hidden_states(row, position_ids=pos, attn_mask=causal)[:, 6:]
-        except Exception as exc:  # an architecture that rejects 4D masks or position_ids
-            log.info("4D mask style %r not accepted: %s", style, exc)
-            continue
-        err, leak = _rel_err(masked, truth), _rel_err(leaky, truth)
-        if err <= _tolerance(weight.dtype) and err < 0.25 * leak:
-            adapter.mask_style = style
-            return style
-        log.info("4D mask style %r: error %.3g vs leak %.3g", style, err, leak)
-    adapter.mask_style = original
-    return None
 
 
 # ------------------------------------------------------------------------------ loading
@@ -330,18 +308,22 @@ def load_hf_bundle(path: Path | str, *, device: torch.device, dtype: torch.dtype
             module.p = 0.0
     model.eval()
     adapter = HFCausalLM(model)
+    fused = adapter.fuse_modules()
     check_lm_head(adapter)
     style = probe_custom_mask(adapter)
+    cached = style is not None and probe_prefix_cache(adapter)  # it needs the 4D mask too
     adapter.eval()
     tok = HFTripleTokenizer(tokenizer)
     vocab = int(adapter.lm_head_weight.shape[0])
     if tok.vocab_size > vocab:
         log.warning("tokenizer has %d tokens but the model only %d rows", tok.vocab_size, vocab)
     log.info(
-        "loaded hf model %s (%s), prefix sharing: %s",
+        "loaded hf model %s (%s), prefix sharing: %s, prefix KV cache: %s, fused norms: %d",
         path.name,
         type(model).__name__,
         f"4D {style} mask" if style else "off (two rows)",
+        "on" if cached else "off",
+        fused,
     )
     return ModelBundle(
         model=adapter,

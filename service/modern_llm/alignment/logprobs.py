@@ -10,10 +10,15 @@ pair and without ever materialising a (B, T, V) log-softmax:
 1. a layout packs the pairs into rows (see :class:`LogpStrategy`) and records, for every
    response token, the hidden state that predicts it (the position just before it), its
    target id and the sequence it belongs to;
-2. the model returns final hidden states; only the N response positions are gathered;
-3. :func:`~modern_llm.alignment.linear_logps.linear_token_logps` applies the LM head to those
-   N positions only, in (rows × vocabulary) blocks with an online float32 log-sum-exp and a
-   hand-written backward, so the extra memory is one cache-sized block, not ``T · V``;
+2. the model returns final hidden states (a model with ``supports_token_mask`` gets the rows'
+   real-token mask and runs its per-token layers on those tokens only, skipping the padding);
+   only the N response positions are gathered;
+3. the LM head runs on those N positions only (see :class:`LmHead`): by default, with autograd,
+   :func:`~modern_llm.alignment.linear_logps.stored_token_logps` (the (N, V) softmax kept for
+   backward: the faster step) when that fits the memory budget, else
+   :func:`~modern_llm.alignment.linear_logps.linear_token_logps` (rows × vocabulary blocks with
+   an online float32 log-sum-exp and a hand-written backward: one cache-sized block of extra
+   memory, not ``N · V``), which also serves every pass without autograd;
 4. ``index_add`` reduces token log-probs into per-sequence sums.
 
 Works with any model that satisfies :class:`CausalLM` (``hidden_states`` + ``lm_head_weight``).
@@ -29,14 +34,27 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from modern_llm.alignment.linear_logps import linear_token_logps
+from modern_llm.alignment.layouts import (
+    PairTokens,
+    _validate,
+    build_shared_prefix_layout,
+    build_two_rows_layout,
+    shared_prefix_mask,
+)
+from modern_llm.alignment.lm_head import LmHead, head_token_logps, resolve_head
 
 __all__ = [
     "CausalLM",
+    "LmHead",
     "LogpStrategy",
     "PairTokens",
     "SequenceLogps",
+    "build_shared_prefix_layout",
+    "build_two_rows_layout",
     "pair_logps",
+    "resolve_head",
+    "resolve_strategy",
+    "shared_prefix_mask",
 ]
 
 
@@ -88,128 +106,31 @@ class LogpStrategy(str, Enum):
 
 
 @dataclass
-class PairTokens:
-    """One preference pair: prompt (with BOS) and two responses (with EOS), all non-empty."""
-
-    prompt: list[int]
-    chosen: list[int]
-    rejected: list[int]
-
-
-@dataclass
 class SequenceLogps:
-    """Per-pair summed response log-probs (float32) and response token counts (long)."""
+    """Per-pair summed response log-probs (float32) and response token counts (long).
+
+    With ``pair_logps(..., return_token_logps=True)`` also every response's per-token
+    log-probs: ``chosen_token_logps[i]`` is a float32 ``(n_c,)`` tensor for ``pairs[i].chosen``
+    (token ``j`` scores ``pairs[i].chosen[j]``), summing to ``chosen[i]``; same for rejected.
+    """
 
     chosen: Tensor  # (B,)
     rejected: Tensor  # (B,)
     chosen_tokens: Tensor  # (B,) long
     rejected_tokens: Tensor  # (B,) long
-
-
-@dataclass
-class _Layout:
-    """Rows to run through the model and where the response tokens sit in them."""
-
-    input_ids: Tensor  # (R, L) long
-    position_ids: Tensor | None  # (R, L) long, None for the default 0..L-1
-    segments: Tensor | None  # (R, L) 0 prompt / 1 chosen / 2 rejected / 3 pad (SHARED_PREFIX)
-    gather_index: Tensor  # (N,) flat index into R·L of the hidden state predicting each token
-    targets: Tensor  # (N,) target token ids
-    sequence: Tensor  # (N,) output slot: pair i chosen → i, rejected → B + i
-
-
-# ------------------------------------------------------------------------------------ layouts
-
-
-def _validate(pairs: Sequence[PairTokens], vocab_size: int) -> None:
-    if len(pairs) == 0:
-        raise ValueError("pairs must be non-empty")
-    for i, p in enumerate(pairs):
-        for name in ("prompt", "chosen", "rejected"):
-            ids = getattr(p, name)
-            if len(ids) == 0:
-                raise ValueError(f"pair {i}: {name} must be non-empty")
-            if min(ids) < 0 or max(ids) >= vocab_size:
-                raise ValueError(f"pair {i}: {name} has token ids outside [0, {vocab_size})")
-
-
-def _finish_layout(
-    ids: list[list[int]],
-    positions: list[list[int]] | None,
-    segments: list[list[int]] | None,
-    predictors: list[list[int]],
-    responses: list[list[int]],
-) -> _Layout:
-    """Tensors of a layout; ``predictors[s]``/``responses[s]`` belong to output slot ``s``.
-
-    Slot ``s`` lives in row ``s % len(ids)`` (two-rows: row s; shared-prefix: row s mod B).
-    """
-    n_rows, width = len(ids), len(ids[0])
-    flat = [(s % n_rows) * width + q for s, preds in enumerate(predictors) for q in preds]
-    return _Layout(
-        input_ids=torch.tensor(ids, dtype=torch.long),  # (R, L)
-        position_ids=None if positions is None else torch.tensor(positions, dtype=torch.long),
-        segments=None if segments is None else torch.tensor(segments, dtype=torch.long),
-        gather_index=torch.tensor(flat, dtype=torch.long),  # (N,)
-        targets=torch.tensor([t for resp in responses for t in resp], dtype=torch.long),
-        sequence=torch.tensor([s for s, r in enumerate(responses) for _ in r], dtype=torch.long),
-    )
-
-
-def build_two_rows_layout(pairs: Sequence[PairTokens], pad_id: int) -> _Layout:
-    """2B right-padded rows: ``[prompt][chosen]`` for every pair, then ``[prompt][rejected]``."""
-    responses = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-    prompt_lens = [len(p.prompt) for p in pairs] * 2
-    rows = [p.prompt + p.chosen for p in pairs] + [p.prompt + p.rejected for p in pairs]
-    width = max(len(r) for r in rows)
-    ids = [r + [pad_id] * (width - len(r)) for r in rows]
-    # Response token j of a row is predicted by the hidden state at position P-1+j.
-    predictors = [
-        list(range(plen - 1, plen - 1 + len(resp)))
-        for plen, resp in zip(prompt_lens, responses, strict=True)
-    ]
-    return _finish_layout(ids, None, None, predictors, responses)
-
-
-def build_shared_prefix_layout(pairs: Sequence[PairTokens], pad_id: int) -> _Layout:
-    """B right-padded rows ``[prompt][chosen][rejected]`` with positions and segment ids.
-
-    Positions are ``0..P-1, P..P+C-1, P..P+R-1`` so the rejected tokens see exactly the
-    positions they would have in their own row; the first chosen and the first rejected token
-    are both predicted from the last prompt position. Segments: 0 prompt, 1 chosen,
-    2 rejected, 3 pad.
-    """
-    width = max(len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
-    ids, pos, seg = [], [], []
-    chosen_pred, rejected_pred = [], []
-    for p in pairs:
-        plen, clen, rlen = len(p.prompt), len(p.chosen), len(p.rejected)
-        pad = width - plen - clen - rlen
-        ids.append(p.prompt + p.chosen + p.rejected + [pad_id] * pad)
-        pos.append([*range(plen + clen), *range(plen, plen + rlen), *[0] * pad])
-        seg.append([0] * plen + [1] * clen + [2] * rlen + [3] * pad)
-        chosen_pred.append(list(range(plen - 1, plen + clen - 1)))
-        rejected_pred.append([plen - 1, *range(plen + clen, plen + clen + rlen - 1)])
-    responses = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-    return _finish_layout(ids, pos, seg, chosen_pred + rejected_pred, responses)
-
-
-def shared_prefix_mask(segments: Tensor) -> Tensor:
-    """Boolean "may attend" mask (B, L, L) from segment ids (B, L).
-
-    Query ``q`` may attend key ``k <= q`` when ``k`` is a prompt token or in ``q``'s own
-    segment: prompt is causal, chosen sees prompt + earlier chosen, rejected sees prompt +
-    earlier rejected (never chosen), pads see prompt + pads (never NaN, never seen by real
-    tokens).
-    """
-    length = segments.shape[1]
-    idx = torch.arange(length, device=segments.device)
-    causal = idx[None, :] <= idx[:, None]  # (L, L)
-    seg_q, seg_k = segments[:, :, None], segments[:, None, :]  # (B, L, 1), (B, 1, L)
-    return causal[None] & ((seg_k == 0) | (seg_k == seg_q))  # (B, L, L)
+    chosen_token_logps: list[Tensor] | None = None  # B tensors (n_c,), only when asked for
+    rejected_token_logps: list[Tensor] | None = None  # B tensors (n_r,)
+    head: LmHead | None = None  # the LM head that ran (set by pair_logps)
 
 
 # ------------------------------------------------------------------------ prefix KV cache
+
+
+def _packed(model: CausalLM, token_mask: Tensor, dev: torch.device) -> dict[str, Any]:
+    """``token_mask`` for a model that skips padding with it (``supports_token_mask``)."""
+    if getattr(model, "supports_token_mask", False) and not bool(token_mask.all()):
+        return {"token_mask": token_mask.to(dev)}
+    return {}
 
 
 def _prefix_cache_hidden(
@@ -226,7 +147,10 @@ def _prefix_cache_hidden(
     plens = [len(p.prompt) for p in pairs]
     pmax = max(plens)
     prompt_ids = torch.tensor([p.prompt + [pad_id] * (pmax - len(p.prompt)) for p in pairs])
-    h_prompt, cache = model.hidden_states(prompt_ids.to(dev), use_cache=True)  # (B, Pmax, D)
+    prompt_mask = torch.arange(pmax)[None, :] < torch.tensor(plens)[:, None]  # (B, Pmax)
+    h_prompt, cache = model.hidden_states(
+        prompt_ids.to(dev), use_cache=True, **_packed(model, prompt_mask, dev)
+    )  # (B, Pmax, D)
     d = h_prompt.shape[-1]
     responses = [p.chosen for p in pairs] + [p.rejected for p in pairs]  # slot s: row s
     last = torch.tensor([(s % b) * pmax + plens[s % b] - 1 for s in range(2 * b)], device=dev)
@@ -249,6 +173,9 @@ def _prefix_cache_hidden(
             position_ids=positions.to(dev),
             attn_mask=mask.to(dev),
             past_key_values=cache,  # batch B, tiled over the 2B rows by the model
+            **_packed(
+                model, q[None, :] < torch.tensor([len(r) - 1 for r in responses])[:, None], dev
+            ),
         )  # (2B, W, D)
         flat = [s * width + j for s, r in enumerate(responses) for j in range(len(r) - 1)]
         hidden.append(h_resp.reshape(-1, d).index_select(0, torch.tensor(flat, device=dev)))
@@ -274,6 +201,36 @@ def resolve_strategy(model: CausalLM, strategy: LogpStrategy | str, grad: bool) 
     return LogpStrategy.SHARED_PREFIX
 
 
+def _response_hidden(
+    model: CausalLM,
+    pairs: Sequence[PairTokens],
+    strategy: LogpStrategy,
+    pad_id: int,
+    dev: torch.device,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The model's hidden states (N, D) at the positions predicting each response token, their
+    target ids (N,) and output slots (N,), under a concrete layout."""
+    if strategy is LogpStrategy.PREFIX_CACHE:
+        return _prefix_cache_hidden(model, pairs, pad_id, dev)
+    if strategy is LogpStrategy.TWO_ROWS:
+        layout = build_two_rows_layout(pairs, pad_id)
+    else:
+        layout = build_shared_prefix_layout(pairs, pad_id)
+    input_ids = layout.input_ids.to(dev, non_blocking=True)
+    position_ids = None if layout.position_ids is None else layout.position_ids.to(dev)
+    segments = layout.segments
+    attn_mask = None if segments is None else shared_prefix_mask(segments.to(dev))
+    hidden = model.hidden_states(
+        input_ids,
+        position_ids=position_ids,
+        attn_mask=attn_mask,
+        **_packed(model, layout.token_mask, dev),
+    )
+    hidden = hidden.reshape(-1, hidden.shape[-1])  # (R·L, D)
+    selected = hidden.index_select(0, layout.gather_index.to(dev))  # (N, D)
+    return selected, layout.targets.to(dev), layout.sequence.to(dev)
+
+
 def pair_logps(
     model: CausalLM,
     pairs: Sequence[PairTokens],
@@ -282,6 +239,9 @@ def pair_logps(
     chunk_size: int = 2048,
     pad_id: int = 0,
     device: torch.device | str | None = None,
+    return_token_logps: bool = False,
+    head: LmHead | str = LmHead.AUTO,
+    memory_budget_bytes: int | None = None,
 ) -> SequenceLogps:
     """Summed response log-probs of every pair's chosen and rejected response.
 
@@ -297,35 +257,57 @@ def pair_logps(
             cache-sized blocks: the extra memory does not grow with V or T).
         pad_id: id used for right padding (never predicted, never attended by real tokens).
         device: where to run; default the device of ``model.lm_head_weight``.
+        return_token_logps: also return each response's per-token log-probs (see
+            :class:`SequenceLogps`; as differentiable as the sums). Off: no extra work.
+        head: LM head, :class:`LmHead` or its string value (``out.head`` says which ran).
+        memory_budget_bytes: what ``head="auto"`` may spend on the stored head; None: half
+            the free memory of the device (see ``linear_logps.memory_budget_bytes``).
     """
     weight = model.lm_head_weight  # (V, D)
-    bias: Tensor | None = getattr(model, "lm_head_bias", None)
-    strategy = resolve_strategy(model, strategy, torch.is_grad_enabled() and weight.requires_grad)
+    grad = torch.is_grad_enabled() and weight.requires_grad
+    strategy = resolve_strategy(model, strategy, grad)
+    head = LmHead(head)
     _validate(pairs, weight.shape[0])
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if memory_budget_bytes is not None and memory_budget_bytes < 0:
+        raise ValueError(f"memory_budget_bytes must be >= 0, got {memory_budget_bytes}")
     dev = torch.device(device) if device is not None else weight.device
 
-    if strategy is LogpStrategy.PREFIX_CACHE:
-        selected, targets, sequence = _prefix_cache_hidden(model, pairs, pad_id, dev)
-    else:
-        if strategy is LogpStrategy.TWO_ROWS:
-            layout = build_two_rows_layout(pairs, pad_id)
-        else:
-            layout = build_shared_prefix_layout(pairs, pad_id)
-        input_ids = layout.input_ids.to(dev, non_blocking=True)
-        position_ids = None if layout.position_ids is None else layout.position_ids.to(dev)
-        segments = layout.segments
-        attn_mask = None if segments is None else shared_prefix_mask(segments.to(dev))
-        hidden = model.hidden_states(input_ids, position_ids=position_ids, attn_mask=attn_mask)
-        hidden = hidden.reshape(-1, hidden.shape[-1])  # (R·L, D)
-        selected = hidden.index_select(0, layout.gather_index.to(dev))  # (N, D)
-        targets, sequence = layout.targets.to(dev), layout.sequence.to(dev)
-    token_logps = linear_token_logps(selected, targets, weight, chunk_size, bias)  # (N,)
+    selected, targets, sequence = _response_hidden(model, pairs, strategy, pad_id, dev)
+    token_logps, head = head_token_logps(
+        selected,
+        targets,
+        weight,
+        getattr(model, "lm_head_bias", None),
+        head=head,
+        chunk_size=chunk_size,
+        budget_bytes=memory_budget_bytes,
+    )  # (N,)
     b = len(pairs)
     sums = torch.zeros(2 * b, dtype=torch.float32, device=dev).index_add(
         0, sequence, token_logps
     )  # (2B,)
     chosen_tokens = torch.tensor([len(p.chosen) for p in pairs], dtype=torch.long, device=dev)
     rejected_tokens = torch.tensor([len(p.rejected) for p in pairs], dtype=torch.long, device=dev)
-    return SequenceLogps(sums[:b], sums[b:], chosen_tokens, rejected_tokens)
+    out = SequenceLogps(sums[:b], sums[b:], chosen_tokens, rejected_tokens, head=head)
+    if return_token_logps:
+        out.chosen_token_logps, out.rejected_token_logps = _split_tokens(
+            token_logps, sequence, pairs
+        )
+    return out
+
+
+def _split_tokens(
+    token_logps: Tensor, sequence: Tensor, pairs: Sequence[PairTokens]
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Per-response float32 token log-probs, in token order, from the flat ``(N,)`` ones.
+
+    Layouts list tokens slot by slot, in order, except ``PREFIX_CACHE``, which lists every
+    response's first token first: a stable sort by slot puts each response's tokens together
+    and keeps their order in every layout.
+    """
+    order = torch.sort(sequence, stable=True).indices  # (N,)
+    counts = [len(p.chosen) for p in pairs] + [len(p.rejected) for p in pairs]
+    parts = token_logps.float().index_select(0, order).split(counts)
+    return list(parts[: len(pairs)]), list(parts[len(pairs) :])

@@ -13,24 +13,31 @@ Weights are saved as ``config.json`` + ``model.safetensors``; nothing is ever un
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import tempfile
 from pathlib import Path
-from typing import Any, Literal, TypedDict, overload
+from typing import Literal, TypedDict, overload
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from modern_llm.models.blocks import Attention, DecoderBlock, SwiGLU
 from modern_llm.models.config import ModernDecoderConfig
-from modern_llm.models.ops import RMSNorm, additive_mask, apply_rope, extend_cache, use_gqa_kernel
+from modern_llm.models.ops import Packing, RMSNorm, additive_mask, apply_rope, build_mask
+from modern_llm.models.persistence import CONFIG_NAME, read_pretrained, write_pretrained
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
+__all__ = [
+    "Attention",
+    "CausalLMOutput",
+    "DecoderBlock",
+    "KVCache",
+    "ModernDecoderConfig",
+    "ModernDecoderLM",
+    "RMSNorm",
+    "SwiGLU",
+    "apply_rope",
+]
 
 #: One ``(key, value)`` pair per layer, each (B, n_kv_heads, S_past, head_dim).
 KVCache = list[tuple[Tensor, Tensor]]
@@ -43,93 +50,13 @@ class CausalLMOutput(TypedDict):
     loss: Tensor | None  # scalar, or None without labels
 
 
-class Attention(nn.Module):
-    """Grouped-query self-attention: n_heads query heads share n_kv_heads key/value heads."""
-
-    def __init__(self, cfg: ModernDecoderConfig) -> None:
-        super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
-
-    def forward(
-        self,
-        x: Tensor,  # (B, T, D)
-        cos: Tensor,  # (B, T, 1, hd)
-        sin: Tensor,
-        mask: Tensor | None,  # (B|1, 1, T, S) bool "may attend" or additive float, or None
-        is_causal: bool,
-        past: tuple[Tensor, Tensor] | None,
-    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        b, t, _ = x.shape
-        hd = self.head_dim
-        # RoPE in the (B, T, heads, hd) layout the projections produce (contiguous), then a
-        # free transpose to (B, heads, T, hd): SDPA's CPU kernel takes strided inputs.
-        q = apply_rope(self.q_proj(x).view(b, t, self.n_heads, hd), cos, sin).transpose(1, 2)
-        k = apply_rope(self.k_proj(x).view(b, t, self.n_kv_heads, hd), cos, sin).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.n_kv_heads, hd).transpose(1, 2)
-        if past is not None:
-            k, v = extend_cache(past[0], k), extend_cache(past[1], v)  # (B, Hkv, S, hd)
-        new_kv = (k, v)
-        groups = self.n_heads // self.n_kv_heads
-        gqa = groups > 1 and use_gqa_kernel(x.device, mask is not None)
-        if groups > 1 and not gqa:  # portable GQA: expand kv heads to match the query heads
-            k = k.repeat_interleave(groups, dim=1)  # (B, H, S, hd)
-            v = v.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa
-        )  # (B, H, T, hd)
-        out = out.transpose(1, 2).reshape(b, t, self.n_heads * hd)  # (B, T, H·hd)
-        return self.o_proj(out), new_kv
-
-
-class SwiGLU(nn.Module):
-    """``down(silu(gate(x)) * up(x))``."""
-
-    def __init__(self, cfg: ModernDecoderConfig) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False)
-        self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False)
-        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.gate_proj(x), self.up_proj(x)
-        if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
-            return self.down_proj(F.silu(gate) * up)
-        return self.down_proj(F.silu(gate, inplace=True).mul_(up))  # no graph: reuse buffers
-
-
-class DecoderBlock(nn.Module):
-    """Pre-norm residual block: attention then MLP."""
-
-    def __init__(self, cfg: ModernDecoderConfig) -> None:
-        super().__init__()
-        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg)
-        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mlp = SwiGLU(cfg)
-
-    def forward(
-        self,
-        x: Tensor,
-        cos: Tensor,
-        sin: Tensor,
-        mask: Tensor | None,
-        is_causal: bool,
-        past: tuple[Tensor, Tensor] | None,
-    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        a, kv = self.attn(self.attn_norm(x), cos, sin, mask, is_causal, past)
-        x = x + a
-        return x + self.mlp(self.mlp_norm(x)), kv
-
-
 class ModernDecoderLM(nn.Module):
     """Decoder-only causal LM (RoPE, RMSNorm, SwiGLU, GQA, optionally tied embeddings)."""
 
     #: ``hidden_states`` takes ``attn_mask`` together with a (tiled) ``past_key_values``.
     supports_prefix_cache = True
+    #: ``hidden_states`` takes a ``token_mask`` and then skips padding in per-token layers.
+    supports_token_mask = True
 
     def __init__(self, config: ModernDecoderConfig | None = None) -> None:
         super().__init__()
@@ -176,54 +103,14 @@ class ModernDecoderLM(nn.Module):
     # ------------------------------------------------------------------ forward
 
     def _rope(self, pos: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """cos/sin (B, T, 1, hd) for integer positions (B, T)."""
+        """cos/sin (..., 1, hd) for integer positions (...), e.g. (B, T) → (B, T, 1, hd)."""
         hd = self.config.head_dim
         compute = torch.float64 if dtype == torch.float64 else torch.float32
         exponent = torch.arange(0, hd, 2, device=pos.device, dtype=compute) / hd
         inv_freq = 1.0 / (self.config.rope_theta**exponent)  # (hd/2,)
         angles = pos.to(compute)[..., None] * inv_freq  # (B, T, hd/2)
-        emb = torch.cat((angles, angles), dim=-1)[:, :, None]  # (B, T, 1, hd)
+        emb = torch.cat((angles, angles), dim=-1).unsqueeze(-2)  # (B, T, 1, hd)
         return emb.cos().to(dtype), emb.sin().to(dtype)
-
-    @staticmethod
-    def _build_mask(
-        b: int,
-        t: int,
-        past_len: int,
-        attention_mask: Tensor | None,
-        attn_mask: Tensor | None,
-        device: torch.device,
-    ) -> tuple[Tensor | None, bool]:
-        """Boolean "may attend" mask (B|1, 1, T, S) and whether SDPA may use ``is_causal``."""
-        s = past_len + t
-        if attn_mask is None and attention_mask is None:
-            if past_len == 0:
-                return None, t > 1
-            if t == 1:
-                return None, False
-        if attn_mask is not None:
-            if attn_mask.dtype != torch.bool:
-                raise ValueError(f"attn_mask must be boolean, got {attn_mask.dtype}")
-            mask = attn_mask.unsqueeze(1) if attn_mask.dim() == 3 else attn_mask
-            if mask.dim() != 4 or mask.shape[1] != 1 or tuple(mask.shape[2:]) != (t, s):
-                raise ValueError(
-                    f"attn_mask must be (B,1,{t},{s}) or (B,{t},{s}), got {tuple(attn_mask.shape)}"
-                )
-        else:
-            q_pos = torch.arange(past_len, s, device=device)[:, None]
-            mask = (torch.arange(s, device=device)[None, :] <= q_pos)[None, None]  # (1,1,T,S)
-        if attention_mask is not None:
-            if tuple(attention_mask.shape) != (b, s):
-                raise ValueError(
-                    f"attention_mask must be ({b}, {s}), got {tuple(attention_mask.shape)}"
-                )
-            mask = mask & attention_mask.to(torch.bool)[:, None, None, :]
-        # A query with no allowed key (e.g. a left pad) attends to itself instead of giving NaN.
-        diag = torch.zeros(t, s, dtype=torch.bool, device=device)
-        rows = torch.arange(t, device=device)
-        diag[rows, rows + past_len] = True
-        mask = mask | (~mask.any(-1, keepdim=True) & diag)
-        return mask, False
 
     @overload
     def hidden_states(
@@ -235,6 +122,7 @@ class ModernDecoderLM(nn.Module):
         attn_mask: Tensor | None = ...,
         past_key_values: KVCache | None = ...,
         use_cache: Literal[False] = ...,
+        token_mask: Tensor | None = ...,
     ) -> Tensor: ...
 
     @overload
@@ -247,6 +135,7 @@ class ModernDecoderLM(nn.Module):
         attn_mask: Tensor | None = ...,
         past_key_values: KVCache | None = ...,
         use_cache: Literal[True],
+        token_mask: Tensor | None = ...,
     ) -> tuple[Tensor, KVCache]: ...
 
     @overload
@@ -259,6 +148,7 @@ class ModernDecoderLM(nn.Module):
         attn_mask: Tensor | None = ...,
         past_key_values: KVCache | None = ...,
         use_cache: bool = ...,
+        token_mask: Tensor | None = ...,
     ) -> Tensor | tuple[Tensor, KVCache]: ...
 
     def hidden_states(
@@ -270,6 +160,7 @@ class ModernDecoderLM(nn.Module):
         attn_mask: Tensor | None = None,
         past_key_values: KVCache | None = None,
         use_cache: bool = False,
+        token_mask: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, KVCache]:
         """Final-normed hidden states (B, T, D), plus the new KV cache when ``use_cache``.
 
@@ -284,6 +175,9 @@ class ModernDecoderLM(nn.Module):
                 of batch B' dividing B is tiled: input row i continues cache row i mod B'
                 (e.g. one cached prompt shared by its chosen and its rejected row).
             use_cache: also return the updated cache.
+            token_mask: (B, T) bool, the real tokens; the others are padding no real token
+                attends (right padding, or hidden by the mask). The per-token layers then run
+                on the real tokens only; padding gets zero keys, values and hidden states.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (B, T), got {tuple(input_ids.shape)}")
@@ -302,17 +196,25 @@ class ModernDecoderLM(nn.Module):
             position_ids = torch.arange(past_len, past_len + t, device=device)[None].expand(b, t)
         elif position_ids.shape[-1] != t or position_ids.dim() != 2:
             raise ValueError(f"position_ids must be (B, {t}), got {tuple(position_ids.shape)}")
-        x = self.embed_tokens(input_ids)  # (B, T, D)
+        packing = None
+        if token_mask is not None:
+            if token_mask.shape != (b, t) or token_mask.dtype != torch.bool:
+                raise ValueError(f"token_mask must be boolean ({b}, {t})")
+            packing = Packing.from_mask(token_mask)
+            input_ids, position_ids = packing.pack(input_ids), packing.pack(position_ids)
+        x = self.embed_tokens(input_ids)  # (B, T, D), or (N, D) real tokens with a packing
         cos, sin = self._rope(position_ids, x.dtype)
-        mask, is_causal = self._build_mask(b, t, past_len, attention_mask, attn_mask, device)
+        mask, is_causal = build_mask(b, t, past_len, attention_mask, attn_mask, device)
         mask = additive_mask(mask, x.dtype)
         new_cache: KVCache = []
         for i, layer in enumerate(self.layers):
             past = past_key_values[i] if past_key_values else None
-            x, kv = layer(x, cos, sin, mask, is_causal, past)
+            x, kv = layer(x, cos, sin, mask, is_causal, past, packing)
             if use_cache:
                 new_cache.append(kv)
-        x = self.norm(x)  # (B, T, D)
+        x = self.norm(x)
+        if packing is not None:
+            x = packing.pad(x)  # (B, T, D)
         return (x, new_cache) if use_cache else x
 
     def forward(
@@ -347,57 +249,21 @@ class ModernDecoderLM(nn.Module):
 
     def save_pretrained(self, directory: str | os.PathLike[str]) -> Path:
         """Write ``config.json`` and ``model.safetensors`` (tied weights once) atomically."""
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        config_text = json.dumps(self.config.to_dict(), indent=2, sort_keys=True) + "\n"
-        _atomic_write(
-            out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"})
-        )
-        _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(config_text, "utf-8"))
-        return out
+        return write_pretrained(directory, self.config.to_dict(), self.state_dict())
 
     @classmethod
     def from_pretrained(
         cls, directory: str | os.PathLike[str], map_location: str | torch.device = "cpu"
     ) -> ModernDecoderLM:
         """Load a model written by :meth:`save_pretrained` (safetensors only, never pickle)."""
-        root = Path(directory)
-        if not root.is_dir():
-            raise FileNotFoundError(f"model directory not found: {root}")
-        config_path, weights_path = root / CONFIG_NAME, root / WEIGHTS_NAME
-        for path in (config_path, weights_path):
-            if not path.is_file():
-                raise FileNotFoundError(f"missing {path.name} in {root}")
-        try:
-            data = json.loads(config_path.read_text("utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"malformed {config_path}: {exc}") from exc
+        data, state, weights_path = read_pretrained(directory)
         try:
             config = ModernDecoderConfig.from_dict(data)
         except TypeError as exc:
-            raise ValueError(f"invalid config in {config_path}: {exc}") from exc
-        try:
-            state = load_file(str(weights_path), device="cpu")
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise ValueError(f"malformed {weights_path}: {exc}") from exc
+            raise ValueError(f"invalid config in {Path(directory) / CONFIG_NAME}: {exc}") from exc
         model = cls(config)
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:
             raise ValueError(f"weights in {weights_path} do not match the config: {exc}") from exc
         return model.to(map_location)
-
-
-def _atomic_write(target: Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` then fsync and rename onto ``target``."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

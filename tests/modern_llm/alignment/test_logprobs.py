@@ -153,6 +153,35 @@ def test_prefix_sharing_values_and_gradients_equal_two_rows(
         torch.testing.assert_close(gb[name], ga[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_skipping_padding_changes_no_value_or_gradient(
+    model: ModernDecoderLM, strategy: LogpStrategy
+) -> None:
+    """Every layout passes the model a ``token_mask`` (per-token layers skip the padding);
+    a model without ``supports_token_mask`` runs the padded rows: same values and gradients."""
+    pairs = make_pairs(LENGTHS, seed=17)
+    padded_model = copy.deepcopy(model)
+    padded_model.supports_token_mask = False  # type: ignore[misc]
+    calls: list[bool] = []
+    original = model.hidden_states
+
+    def spy(*args: object, **kwargs: object) -> object:
+        calls.append(kwargs.get("token_mask") is not None)
+        return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    model.hidden_states = spy  # type: ignore[method-assign]
+    try:
+        a, ga = _grads(model, pairs, strategy=strategy, chunk_size=5, pad_id=PAD)
+    finally:
+        del model.hidden_states
+    assert calls and all(calls)  # every pass of this ragged batch was packed
+    b, gb = _grads(padded_model, pairs, strategy=strategy, chunk_size=5, pad_id=PAD)
+    torch.testing.assert_close(a.chosen, b.chosen, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a.rejected, b.rejected, rtol=1e-5, atol=1e-5)
+    for name in ga:
+        torch.testing.assert_close(ga[name], gb[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_auto_picks_prefix_cache_for_loss_only_and_shared_prefix_for_training(
     model: ModernDecoderLM,
 ) -> None:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from modern_llm.models import transformer
+from modern_llm.models import blocks
 from modern_llm.models.transformer import (
     Attention,
     ModernDecoderConfig,
@@ -181,6 +181,65 @@ def test_kv_cache_tiled_over_a_larger_batch(model: ModernDecoderLM) -> None:
         model.hidden_states(rand_ids(3, 2), past_key_values=cache)
 
 
+def _ragged(lengths: tuple[int, ...], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids (B, T) (pad 258) and the real-token mask (B, T)."""
+    width = max(lengths)
+    ids = torch.full((len(lengths), width), 258)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = rand_ids(n, seed=seed + i)
+    return ids, torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
+
+
+def test_token_mask_skips_padding_with_equal_hidden_states_and_cache(
+    model: ModernDecoderLM,
+) -> None:
+    """Per-token layers on the real tokens only: the real positions' hidden states and KV
+    cache equal the padded forward's; padding gets zeros (finite)."""
+    ids, real = _ragged((5, 11, 1, 8))
+    padded, cache = model.hidden_states(ids, use_cache=True)
+    packed, packed_cache = model.hidden_states(ids, use_cache=True, token_mask=real)
+    torch.testing.assert_close(packed[real], padded[real], rtol=1e-5, atol=1e-6)
+    assert packed[~real].abs().max() == 0
+    for (k, v), (pk, pv) in zip(cache, packed_cache, strict=True):
+        torch.testing.assert_close(pk.transpose(1, 2)[real], k.transpose(1, 2)[real])
+        torch.testing.assert_close(pv.transpose(1, 2)[real], v.transpose(1, 2)[real])
+        assert pk.transpose(1, 2)[~real].abs().max() == 0
+    # with an explicit mask and a tiled cache (the prefix-cache response pass)
+    cont, cont_real = _ragged((3, 1, 2, 3, 1, 2, 3, 1), seed=40)
+    q = torch.arange(3)
+    own = (q[None, :] <= q[:, None])[None].expand(8, 3, 3)
+    mask = torch.cat((real.repeat(2, 1)[:, None, :].expand(8, 3, 11), own), -1)
+    pos = real.sum(1).repeat(2)[:, None] + q[None, :]
+    kw = {"attn_mask": mask, "position_ids": pos, "past_key_values": cache}
+    plain = model.hidden_states(cont, **kw)
+    got = model.hidden_states(cont, token_mask=cont_real, **kw)
+    torch.testing.assert_close(got[cont_real], plain[cont_real], rtol=1e-5, atol=1e-6)
+
+
+def test_token_mask_gradients_equal_the_padded_forward() -> None:
+    m = ModernDecoderLM(tiny_config(tie_embeddings=False)).train()
+    ids, real = _ragged((6, 2, 9), seed=7)
+    weights = torch.randn(*ids.shape, 32, generator=torch.Generator().manual_seed(1))
+    grads = []
+    for token_mask in (None, real):
+        m.zero_grad(set_to_none=True)
+        h = m.hidden_states(ids, token_mask=token_mask)
+        (h * weights)[real].sum().backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+    every = {n for n, _ in m.named_parameters()} - {"lm_head.weight"}  # not in hidden_states
+    assert grads[0].keys() == grads[1].keys() == every
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_token_mask_is_validated(model: ModernDecoderLM) -> None:
+    ids, real = _ragged((3, 2))
+    with pytest.raises(ValueError, match="token_mask"):
+        model.hidden_states(ids, token_mask=real.long())
+    with pytest.raises(ValueError, match="token_mask"):
+        model.hidden_states(ids, token_mask=real[:, :2])
+
+
 def test_masked_gqa_repeat_path_equals_native_kernel(
     model: ModernDecoderLM, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -189,7 +248,7 @@ def test_masked_gqa_repeat_path_equals_native_kernel(
     mask = torch.ones(7, 7, dtype=torch.bool).tril()[None].repeat(2, 1, 1)
     mask[1, 4:, 1:3] = False
     native = model.hidden_states(ids, attn_mask=mask)
-    monkeypatch.setattr(transformer, "use_gqa_kernel", lambda device, has_mask: False)
+    monkeypatch.setattr(blocks, "use_gqa_kernel", lambda device, has_mask: False)
     torch.testing.assert_close(model.hidden_states(ids, attn_mask=mask), native)
 
 
