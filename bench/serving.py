@@ -190,23 +190,39 @@ def in_process_core(settings: Settings, pairs: list[PairTokens], rounds: int) ->
     return asyncio.run(run())
 
 
+#: Prefix of the rows that time one 1-pair request at a time (latency, not throughput).
+LATENCY = "latency: "
+
+
 def run_serving(
-    model_dir: Path, pairs: list[PairTokens], rounds: int, batching_off: bool = True
+    model_dir: Path,
+    pairs: list[PairTokens],
+    rounds: int,
+    batching_off: bool = True,
+    latency_samples: int = 0,
 ) -> dict[str, list[float]]:
     """Seconds per request (or burst) for every serving path, keyed by row name: one request
     with all ``pairs`` in process, over HTTP and over gRPC; then one client per pair, all at
-    once, with dynamic batching on and (``batching_off``) off."""
+    once, over HTTP and gRPC with dynamic batching on and (``batching_off``) HTTP with it off.
+    ``latency_samples`` > 0: also ``latency_samples`` sequential 1-pair requests per protocol
+    (rows prefixed :data:`LATENCY`, every sample kept for percentiles)."""
     out: dict[str, list[float]] = {}
     settings = Settings(model=str(model_dir), enable_http=False, enable_grpc=False)
     out["in-process core, one request"] = in_process_core(settings, pairs, rounds)
+    if latency_samples:
+        out[LATENCY + "in-process core"] = in_process_core(settings, pairs[:1], latency_samples)
     with tempfile.TemporaryDirectory() as logs, ServerProcess(model_dir, Path(logs)) as server:
-        with DpoClient.http(server.url, timeout=600) as client:
-            call = lambda: client.compute_loss(_body_pairs(pairs))  # noqa: E731
-            out["HTTP, one request"] = sequential(call, rounds)
-        with DpoClient.grpc(server.target, timeout=600) as client:
-            call = lambda: client.compute_loss(_body_pairs(pairs))  # noqa: E731
-            out["gRPC, one request"] = sequential(call, rounds)
+        for proto, make in (("HTTP", _http_client(server)), ("gRPC", _grpc_client(server))):
+            with make() as client:
+                call = lambda c=client: c.compute_loss(_body_pairs(pairs))  # noqa: E731
+                out[f"{proto}, one request"] = sequential(call, rounds)
+                if latency_samples:
+                    one = lambda c=client: c.compute_loss(_body_pairs(pairs[:1]))  # noqa: E731
+                    out[LATENCY + proto] = sequential(one, latency_samples)
         out["HTTP, concurrent 1-pair clients, batching on"] = _burst(server, pairs, rounds)
+        out["gRPC, concurrent 1-pair clients, batching on"] = _burst(
+            server, pairs, rounds, _grpc_client(server)
+        )
     if batching_off:
         with (
             tempfile.TemporaryDirectory() as logs,
@@ -216,8 +232,22 @@ def run_serving(
     return out
 
 
-def _burst(server: ServerProcess, pairs: list[PairTokens], rounds: int) -> list[float]:
-    clients = [DpoClient.http(server.url, timeout=600) for _ in pairs]
+def _http_client(server: ServerProcess) -> Callable[[], DpoClient]:
+    return lambda: DpoClient.http(server.url, timeout=600)
+
+
+def _grpc_client(server: ServerProcess) -> Callable[[], DpoClient]:
+    return lambda: DpoClient.grpc(server.target, timeout=600)
+
+
+def _burst(
+    server: ServerProcess,
+    pairs: list[PairTokens],
+    rounds: int,
+    make: Callable[[], DpoClient] | None = None,
+) -> list[float]:
+    """:func:`concurrent_burst` with one client per pair (HTTP unless ``make`` says)."""
+    clients = [(make or _http_client(server))() for _ in pairs]
     try:
         return concurrent_burst(clients, pairs, rounds)
     finally:

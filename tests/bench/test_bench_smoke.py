@@ -32,9 +32,16 @@ def test_bench_smoke_runs_every_section(tmp_path: Path) -> None:
         "HTTP, one request",
         "gRPC, one request",
         "HTTP, concurrent 1-pair clients, batching on",
+        "gRPC, concurrent 1-pair clients, batching on",
+        "One 1-pair request at a time",
         "### targets",
     ):
         assert needle in text, needle
     # the peak-memory subprocess ran and reported a number, not a dash
     row = next(line for line in text.splitlines() if line.startswith("| engine loss-only"))
     assert row.split("|")[7].strip() != "–"
+    # latency rows: every sample counted, p99 at or above p50
+    for proto in ("in-process core", "HTTP", "gRPC"):
+        cells = next(line for line in text.splitlines() if line.startswith(f"| {proto} |"))
+        _, _, n, p50, p99, _, _ = cells.split("|")
+        assert int(n) == 20 and float(p99) >= float(p50) > 0, cells
