@@ -1,11 +1,12 @@
 # Verbs: dev (install), proto (regenerate stubs), lint, test, check (lint + test), serve, bench,
 # bench-precision (fp32 vs bf16 autocast), bench-hf (an hf: Llama vs the built-in model),
+# bench-reference (reference log-prob cache: cold vs warm epoch, lookup overhead),
 # gpu-check (CUDA tests + precision bench on a GPU).
 PY := .venv/bin/python
 export PYTHONHASHSEED := 0
 
 .PHONY: dev proto proto-check buf-lint compose-check lint test test-fast check serve bench \
-	bench-precision bench-hf gpu-check
+	bench-precision bench-hf bench-reference gpu-check
 
 dev:
 	bash scripts/setup.sh
@@ -46,6 +47,9 @@ bench-precision:
 
 bench-hf:
 	$(PY) bench/hf.py
+
+bench-reference:
+	$(PY) bench/reference_cache.py
 
 gpu-check:
 	bash bench/gpu_check.sh

@@ -1,4 +1,4 @@
-"""``dpo-service`` command line: ``serve``, ``info``.
+"""``dpo-service`` command line: ``serve``, ``info``, ``train-remote``, ``precompute-reference``.
 
 Settings come from ``DPO_*`` environment variables; the flags here override the few that
 people change on the command line. Secrets (the API key) are never accepted as flags.
@@ -32,9 +32,38 @@ def _parser() -> argparse.ArgumentParser:
     from dpo_service.client.remote_trainer import add_arguments
 
     add_arguments(remote)
+    _add_precompute(sub)
     info = sub.add_parser("info", help="print the effective settings (secrets masked) and exit")
     info.add_argument("--model", help="as for serve")
     return parser
+
+
+def _add_precompute(sub: Any) -> None:
+    pre = sub.add_parser(
+        "precompute-reference",
+        help="fill the reference log-prob cache for a JSONL/Parquet dataset (same DPO_* "
+        "settings as the server)",
+    )
+    pre.add_argument("--data", required=True, help="preference dataset (JSONL or Parquet)")
+    pre.add_argument("--model", help="as for serve")
+    pre.add_argument("--checkpoint-dir", help="as for serve (locates the default cache file)")
+    pre.add_argument("--batch-pairs", type=int, default=32, help="pairs per reference pass")
+
+
+def _precompute(args: argparse.Namespace, settings: Settings) -> int:
+    from pathlib import Path
+
+    from dpo_service.client.preference_data import DatasetError, load_examples
+    from dpo_service.engine.precompute import precompute_reference
+
+    try:
+        pairs = [e.to_pair() for e in load_examples(Path(args.data))]
+        report = precompute_reference(settings, pairs, batch_pairs=args.batch_pairs)
+    except (DatasetError, ValueError, FileNotFoundError) as exc:
+        print(f"dpo-service precompute-reference: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(vars(report)))
+    return 0
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -68,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "info":
         print(json.dumps(settings.model_dump(mode="json"), indent=2, default=str))
         return 0
+    if args.command == "precompute-reference":
+        return _precompute(args, settings)
     import torch
 
     from dpo_service.server import serve

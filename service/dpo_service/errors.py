@@ -98,6 +98,10 @@ def invalid(field_name: str, message: str) -> ServiceError:
     )
 
 
+#: Tags of the request's other unions (schemas: conversations, loss lists), left out of locs.
+_UNION_TAGS = ("ConversationPair", "conversation", "message_list", "one_loss", "loss_list")
+
+
 def format_loc(loc: Sequence[int | str]) -> str:
     """``("body", "pairs", 2, "chosen")`` → ``pairs[2].chosen``."""
     out = ""
@@ -108,7 +112,7 @@ def format_loc(loc: Sequence[int | str]) -> str:
             out += f"[{part}]"
         else:
             # Union members show up as class names in pydantic locs; they add nothing.
-            if part in ("TextPair", "TokenPair", "text", "tokens"):
+            if part in ("TextPair", "TokenPair", "text", "tokens", *_UNION_TAGS):
                 continue
             out += f".{part}" if out else str(part)
     return out or "body"

@@ -57,14 +57,62 @@ class TokenPair(_PairReference):
     )
 
 
+# --- conversational pairs (issue 14; see README "Conversations, composed losses, token
+# log-probs" and dpo_service.conversations for the rules) ----------------------------------
+class Message(_Strict):
+    """One chat message, as in TRL's conversational datasets."""
+
+    role: Literal["system", "user", "assistant", "tool"] = Field(
+        ..., description="system (first message only), user, assistant or tool."
+    )
+    content: StrictStr = Field(..., description="The message text (non-empty).")
+
+
+def _list_or_other(list_tag: str, other_tag: str) -> Discriminator:
+    """Tag a union by the input's JSON type, so an error comes from one member only."""
+    return Discriminator(lambda v: list_tag if isinstance(v, list) else other_tag)
+
+
+Response = Annotated[
+    Annotated[list[Message], Tag("message_list")] | Annotated[StrictStr, Tag("text")],
+    _list_or_other("message_list", "text"),
+]
+
+
+class ConversationPair(_PairReference):
+    """A preference pair as chat messages; the service applies the model's chat template
+    (TRL's rendering). Conversational form: ``prompt`` messages ending with a user message
+    (or an assistant message the responses continue), ``chosen`` / ``rejected`` assistant
+    messages or strings. Implicit-prompt form: no ``prompt``; ``chosen`` / ``rejected`` are
+    whole conversations whose shared leading messages are the prompt."""
+
+    prompt: list[Message] | None = Field(
+        None, description="Prompt messages; leave out for the implicit-prompt form."
+    )
+    chosen: Response = Field(
+        ...,
+        description="Preferred response: assistant messages, a string, or (implicit "
+        "prompt) the whole conversation.",
+    )
+    rejected: Response = Field(
+        ..., description="Dispreferred response, in the same form as chosen."
+    )
+
+
 def _pair_kind(value: Any) -> str:
     if isinstance(value, dict):
+        if any(isinstance(value.get(k), list) for k in ("prompt", "chosen", "rejected")):
+            return "conversation"
         return "tokens" if any(k.endswith("_ids") for k in value) else "text"
+    if isinstance(value, ConversationPair):
+        return "conversation"
     return "tokens" if isinstance(value, TokenPair) else "text"
 
 
 Pair = Annotated[
-    Annotated[TextPair, Tag("text")] | Annotated[TokenPair, Tag("tokens")],
+    Annotated[TextPair, Tag("text")]
+    | Annotated[TokenPair, Tag("tokens")]
+    | Annotated[ConversationPair, Tag("conversation")],
     Discriminator(_pair_kind),
 ]
 
@@ -74,10 +122,15 @@ class LossRequest(_Strict):
 
     pairs: list[Pair] = Field(..., min_length=1, description="Preference triples (1..max).")
     beta: FiniteFloat = Field(0.1, gt=0, description="DPO temperature β (> 0).")
-    loss_type: LossType = Field(
+    loss_type: Annotated[
+        Annotated[LossType, Tag("one_loss")]
+        | Annotated[list[StrictStr], Field(max_length=16), Tag("loss_list")],
+        _list_or_other("loss_list", "one_loss"),
+    ] = Field(
         LossType.SIGMOID,
         description="sigmoid (DPO; without a reference this is the seed's simplified loss), "
-        "hinge, ipo, robust, simpo.",
+        "hinge, ipo, robust, simpo; or a list of distinct terms (those and sft: the chosen "
+        "response's length-normalised NLL) weighted by loss_weights, as TRL's loss_type list.",
     )
     label_smoothing: FiniteFloat = Field(
         0.0, ge=0, lt=0.5, description="cDPO / robust label smoothing ε in [0, 0.5)."
@@ -101,6 +154,17 @@ class LossRequest(_Strict):
     )
     expected_version: Annotated[StrictInt, Field(ge=0)] | None = Field(
         None, description="Train only if the model version equals this (else 409); a JSON integer."
+    )
+    # --- composed losses and token log-probs (issue 14) -------------------------------
+    loss_weights: Annotated[list[FiniteFloat], Field(max_length=16)] | None = Field(
+        None,
+        description="With loss_type a list: one finite weight >= 0 per term (at least one "
+        "> 0); null: 1.0 each (TRL's loss_weights).",
+    )
+    return_token_logps: StrictBool = Field(
+        False,
+        description="Also return every response's per-token log-probs and token ids "
+        "(chosen_token_logps, chosen_token_ids, ...); a JSON boolean.",
     )
 
 
@@ -137,7 +201,11 @@ class LossResponse(BaseModel):
     metrics: dict[str, float] = Field(
         ..., description="TRL metric names: rewards/chosen, logps/chosen, …"
     )
-    loss_type: LossType
+    loss_type: LossType = Field(
+        ...,
+        description="The loss computed; for a composed loss its first preference term, "
+        "whose rewards are reported (sigmoid for sft alone).",
+    )
     beta: float
     model_version: int = Field(
         ..., description="Optimizer steps applied before this loss was computed."
@@ -151,6 +219,31 @@ class LossResponse(BaseModel):
     )
     request_id: str | None = Field(
         None, description="The request id (given, or assigned by the server)."
+    )
+    # --- composed losses and token log-probs (issue 14) -------------------------------
+    loss_terms: dict[str, float] | None = Field(
+        None,
+        description="loss_type given as a list: each term's batch mean, unweighted (loss is "
+        "the weighted total); null otherwise.",
+    )
+    loss_weights: dict[str, float] | None = Field(
+        None, description="loss_type given as a list: the weight of each term; null otherwise."
+    )
+    chosen_token_logps: list[list[float]] | None = Field(
+        None,
+        description="return_token_logps: per chosen response, each token's log-prob (nats; "
+        "they sum to chosen_logps).",
+    )
+    chosen_token_ids: list[list[int]] | None = Field(
+        None, description="return_token_logps: per chosen response, the token ids scored."
+    )
+    rejected_token_logps: list[list[float]] | None = Field(
+        None,
+        description="return_token_logps: per rejected response, each token's log-prob (nats; "
+        "they sum to rejected_logps).",
+    )
+    rejected_token_ids: list[list[int]] | None = Field(
+        None, description="return_token_logps: per rejected response, the token ids scored."
     )
 
 

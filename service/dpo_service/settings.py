@@ -282,6 +282,32 @@ class Settings(BaseSettings):
         30.0, ge=0, description="SIGTERM: how long in-flight work may take."
     )
 
+    # --- reference log-prob cache (issue 14, item 4; README "Reference log-prob cache") ---
+    reference_cache: str | None = Field(
+        None,
+        description="SQLite file caching the frozen reference's log-probs (with "
+        "DPO_KEEP_REFERENCE). Unset: `<DPO_CHECKPOINT_DIR>/reference_cache.sqlite` when a "
+        "checkpoint directory is set, else off; `off` disables it.",
+    )
+    reference_cache_max_entries: int = Field(
+        1_000_000,
+        gt=0,
+        description="Sequences the reference cache holds (about 120 bytes each on disk); "
+        "the least recently used are evicted above it.",
+    )
+
+    @property
+    def reference_cache_path(self) -> Path | None:
+        """Where the reference cache lives, or None when it is off."""
+        value = (self.reference_cache or "").strip()
+        if value.lower() == "off":
+            return None
+        if value:
+            return Path(value)
+        if self.checkpoint_dir is not None:
+            return self.checkpoint_dir / "reference_cache.sqlite"
+        return None
+
     log_level: str = Field("info", description="Log level.")
 
     @field_validator("dtype")

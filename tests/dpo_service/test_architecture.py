@@ -106,6 +106,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "modern_llm": (),
     "dpo_service.errors": (),
     "dpo_service.settings": (),
+    "dpo_service.conversations": (),  # pure chat-message checks: server and client share them
     "dpo_service.schemas": ("modern_llm",),
     "dpo_service.state": (),
     "dpo_service.models": ("modern_llm",),
@@ -115,6 +116,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
         "dpo_service.errors",
         "dpo_service.settings",
         "dpo_service.schemas",
+        "dpo_service.conversations",
         "modern_llm",
     ),
     "dpo_service.api": (
@@ -127,9 +129,15 @@ ALLOWED: dict[str, tuple[str, ...]] = {
         "dpo_service.api.grpc.convert",
         "dpo_service.api.grpc.gen",
         "dpo_service.errors",
+        "dpo_service.conversations",
     ),
     "dpo_service.server": ("dpo_service.api", "dpo_service.engine", "dpo_service.settings"),
-    "dpo_service.cli": ("dpo_service.settings", "dpo_service.server", "dpo_service.client"),
+    "dpo_service.cli": (
+        "dpo_service.settings",
+        "dpo_service.server",
+        "dpo_service.client",
+        "dpo_service.engine.precompute",  # precompute-reference runs the engine offline
+    ),
     "dpo_service.__main__": ("dpo_service.cli",),
     "dpo_service": (),
 }

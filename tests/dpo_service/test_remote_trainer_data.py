@@ -257,18 +257,20 @@ def test_normalize_pair_refuses_bad_messages(pair: object, field: str) -> None:
     assert str(info.value).startswith(f"invalid_argument: {field}: ")
 
 
-def test_grpc_transport_refuses_message_pairs_until_the_proto_carries_them() -> None:
-    """The gRPC contract has no message-list pair yet: a clear client-side error, no call."""
-    with pytest.raises(DpoClientError) as info:
-        GrpcTransport.to_proto({"pairs": [CONVERSATIONAL]})
-    assert info.value.code is ErrorCode.INVALID_ARGUMENT
+def test_grpc_transport_sends_message_pairs_as_conversations() -> None:
+    """The gRPC contract carries message-list pairs (``PreferencePair.conversation``)."""
+    msg = GrpcTransport.to_proto({"pairs": [CONVERSATIONAL]})
+    assert msg.pairs[0].WhichOneof("input") == "conversation"
+    assert [m.content for m in msg.pairs[0].conversation.prompt] == [
+        m["content"] for m in CONVERSATIONAL["prompt"]
+    ]
 
 
 class FakeTransport:
     """Records request bodies and answers like the service would (a fixed loss per pair).
 
-    Used only where the real service cannot answer yet: it does not accept message-list pairs
-    until the chat-template wiring lands, and the bodies the trainer builds are what matter.
+    Used where the bodies the trainer builds are what matter (the real service answers
+    message-list pairs too: tests/dpo_service/test_conversations.py).
     """
 
     def __init__(self) -> None:

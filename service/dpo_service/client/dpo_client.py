@@ -79,6 +79,13 @@ class LossResult:
     grad_norm: float | None = None
     new_model_version: int | None = None
     request_id: str | None = None
+    # composed losses (loss_type as a list) and return_token_logps=True; None otherwise
+    loss_terms: dict[str, float] | None = None
+    loss_weights: dict[str, float] | None = None
+    chosen_token_logps: list[list[float]] | None = None
+    chosen_token_ids: list[list[int]] | None = None
+    rejected_token_logps: list[list[float]] | None = None
+    rejected_token_ids: list[list[int]] | None = None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> LossResult:
@@ -260,15 +267,16 @@ class DpoClient:
 
     # ------------------------------------------------------------------ calls
     def build_request(
-        self, pairs: Iterable[Any], *, beta: float = 0.1, loss_type: str = "sigmoid",
+        self, pairs: Iterable[Any], *, beta: float = 0.1, loss_type: str | Sequence[str] = "sigmoid",
         train: bool = False, reference: str = "auto", request_id: str | None = None,
         expected_version: int | None = None, **extra: Any,
     ) -> dict[str, Any]:  # fmt: skip
-        """The REST body of a loss call (train calls always get a ``request_id``)."""
+        """The REST body of a loss call (train calls always get a ``request_id``).
+        ``loss_type`` may be a list of terms (with ``loss_weights=[...]`` in ``extra``)."""
         body: dict[str, Any] = {
             "pairs": [normalize_pair(p, i) for i, p in enumerate(pairs)],
             "beta": beta,
-            "loss_type": loss_type,
+            "loss_type": loss_type if isinstance(loss_type, str) else list(loss_type),
             "reference": reference,
             "train": train,
             **extra,
@@ -282,12 +290,13 @@ class DpoClient:
         return body
 
     def compute_loss(
-        self, pairs: Iterable[Any], *, beta: float = 0.1, loss_type: str = "sigmoid",
+        self, pairs: Iterable[Any], *, beta: float = 0.1, loss_type: str | Sequence[str] = "sigmoid",
         train: bool = False, reference: str = "auto", request_id: str | None = None,
         expected_version: int | None = None, deadline_s: float | None = None, **extra: Any,
     ) -> LossResult:  # fmt: skip
         """DPO loss of ``pairs``; with ``train=True`` also one optimizer step on the server.
-        ``extra``: further request fields (``label_smoothing``, ``simpo_gamma``)."""
+        ``extra``: further request fields (``label_smoothing``, ``simpo_gamma``,
+        ``loss_weights`` with a list ``loss_type``, ``return_token_logps=True``)."""
         body = self.build_request(
             pairs, beta=beta, loss_type=loss_type, train=train, reference=reference,
             request_id=request_id, expected_version=expected_version, **extra,

@@ -103,16 +103,29 @@ def batches(
             yield [pairs[i] for i in order[start : start + size]]
 
 
+def loss_options(loss_type: str, loss_weights: str | None = None) -> dict[str, Any]:
+    """``--loss-type sigmoid,sft --loss-weights 1,0.5`` as request fields (a composed loss; one
+    name without weights stays a single ``loss_type``). ``ValueError`` for a bad weight."""
+    names = [n.strip() for n in loss_type.split(",") if n.strip()]
+    if len(names) == 1 and loss_weights is None:
+        return {"loss_type": names[0]}
+    out: dict[str, Any] = {"loss_type": names}
+    if loss_weights is not None:
+        out["loss_weights"] = [float(w) for w in loss_weights.split(",")]
+    return out
+
+
 def evaluate(
-    client: DpoClient, pairs: Sequence[dict[str, Any]], *, step: int, batch_size: int, beta: float
-) -> EvalRecord:
+    client: DpoClient, pairs: Sequence[dict[str, Any]], *, step: int, batch_size: int, beta: float,
+    loss_fields: dict[str, Any] | None = None,
+) -> EvalRecord:  # fmt: skip
     """Loss-only requests over ``pairs`` in order, ``batch_size`` at a time (the model does not
     move); loss, accuracy and margin are means over all pairs."""
     loss = accuracy = margin = 0.0
     version = -1
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
-        out = client.compute_loss(chunk, beta=beta, train=False)
+        out = client.compute_loss(chunk, beta=beta, train=False, **(loss_fields or {}))
         loss += out.loss * len(chunk)
         accuracy += out.accuracy * len(chunk)
         margin += sum(out.margins)
@@ -151,6 +164,7 @@ def train(
     progress: bool = True,
     run_id: str | None = None,
     eval_plan: EvalPlan | None = None,
+    loss_fields: dict[str, Any] | None = None,
 ) -> History:
     """Apply ``steps`` train steps (one record each), evaluating ``eval_plan``'s held-out set
     after 0, N, 2N, ... and ``steps`` steps."""
@@ -164,13 +178,15 @@ def train(
         if eval_plan is not None and (done % eval_plan.every == 0 or done == steps):
             history.eval.append(
                 evaluate(client, eval_plan.pairs, step=done, batch_size=eval_plan.batch_size,
-                         beta=beta)
+                         beta=beta, loss_fields=loss_fields)
             )  # fmt: skip
 
     maybe_evaluate(0)
     for step, batch in zip(range(steps), batches(pairs, batch_size, seed), strict=False):
         started = time.monotonic()
-        out = client.compute_loss(batch, beta=beta, train=True, request_id=f"{run_id}-{step}")
+        out = client.compute_loss(
+            batch, beta=beta, train=True, request_id=f"{run_id}-{step}", **(loss_fields or {})
+        )
         rate = len(batch) / max(time.monotonic() - started, 1e-9)
         record = StepRecord(
             step=step,
@@ -245,6 +261,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument(
+        "--loss-type", default="sigmoid", help="a loss, or terms for a composed one: sigmoid,sft"
+    )
+    parser.add_argument("--loss-weights", help="one weight per --loss-type term: 1,0.5")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-data", type=Path, help="held-out dataset (same formats as --data)")
     parser.add_argument("--eval-every", type=int, default=10, help="evaluate every N steps")
@@ -283,6 +303,7 @@ def run(args: argparse.Namespace) -> int:
         api_key = args.api_key_file.read_text(encoding="utf-8").strip()
     try:
         pairs, eval_plan = _load(args)
+        loss_fields = loss_options(args.loss_type, args.loss_weights)
     except ValueError as err:  # DatasetError included
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -296,6 +317,7 @@ def run(args: argparse.Namespace) -> int:
             history = train(
                 client, pairs, steps=args.steps, batch_size=min(args.batch_size, len(pairs)),
                 beta=args.beta, seed=args.seed, progress=not args.no_progress, eval_plan=eval_plan,
+                loss_fields=loss_fields,
             )  # fmt: skip
         except DpoClientError as err:
             print(f"error: the service refused a request: {err}", file=sys.stderr)

@@ -36,6 +36,11 @@ from dpo_service.engine.events import EngineEvents
 from dpo_service.engine.forward import forward_logps
 from dpo_service.engine.losses import compute_loss, preference_inputs, rows_of
 from dpo_service.engine.preparation import Limits, PreparedRequest
+from dpo_service.engine.reference_lookup import (
+    ReferenceLookup,
+    open_reference_lookup,
+    reference_logps,
+)
 from dpo_service.engine.results import EngineInfo, LossResult, result_from
 from dpo_service.engine.train_state import TrainState
 from dpo_service.engine.train_step import NonFiniteStepError, run_train_step
@@ -69,6 +74,7 @@ class Engine:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dpo-engine")
         self.checkpointer: Checkpointer | None = None
         self.durability = Durability(self.events, settings.checkpoint_retry_s)
+        self.reference_lookup: ReferenceLookup | None = None  # the reference log-prob cache
 
     # ----------------------------------------------------------------- lifecycle
     def load(self) -> None:
@@ -77,6 +83,9 @@ class Engine:
         state = TrainState.create(bundle, self.settings)  # the frozen reference: initial weights
         if self.settings.checkpoint_dir is not None:  # resume the newest valid checkpoint
             self.checkpointer = Checkpointer.open(self.settings, state, self.events)
+        self.reference_lookup = open_reference_lookup(
+            self.settings, state.reference, bundle, self.events
+        )
         self.bundle = bundle
         self.state = state
         self.events.on_loaded(state.version)
@@ -121,6 +130,8 @@ class Engine:
         self._executor.shutdown(wait=True)
         if self.checkpointer is not None:
             self.checkpointer.close()
+        if self.reference_lookup is not None:
+            self.reference_lookup.close()
 
     def pending(self) -> int:
         """Requests queued or running."""
@@ -140,6 +151,7 @@ class Engine:
             max_pairs=self.settings.max_pairs_per_request,
             max_request_tokens=self.settings.max_request_tokens,
             has_reference=self.state is not None and self.state.reference is not None,
+            max_response_bytes=self.settings.grpc_max_message_bytes,  # token log-probs
         )
 
     def info(self) -> EngineInfo:
@@ -311,11 +323,15 @@ class Engine:
         state = self.state
         pairs = [p for j in batch for p in j.request.pairs]
         with torch.inference_mode():
-            policy = forward_logps(state.bundle.causal_lm, pairs, self.settings, state.bundle)
+            tokens = any(j.request.return_token_logps for j in batch)
+            policy = forward_logps(
+                state.bundle.causal_lm, pairs, self.settings, state.bundle,
+                return_token_logps=tokens,
+            )  # fmt: skip
             reference = None
             if any(j.request.reference == "frozen" for j in batch):
                 assert state.reference is not None, "prepare() admits frozen only with a copy"
-                reference = forward_logps(state.reference, pairs, self.settings, state.bundle)
+                reference = reference_logps(state.reference, pairs, self.settings, state.bundle)
         results: list[LossResult | BaseException] = []
         start = 0
         for job in batch:
@@ -342,4 +358,5 @@ class Engine:
             range(request.num_pairs),
         )
         request_id = request.request_id or uuid.uuid4().hex
-        return result_from(request, inputs, compute_loss(request, inputs), self.version, request_id)
+        out = compute_loss(request, inputs, rows_of(policy, rows))
+        return result_from(request, inputs, out, self.version, request_id)

@@ -21,6 +21,7 @@ class EngineEvents:
         self._request_metrics(self.registry)
         self._training_metrics(self.registry)
         self._checkpoint_metrics(self.registry)
+        self._reference_cache_metrics(self.registry)
 
     def _request_metrics(self, r: CollectorRegistry) -> None:
         """Requests, latency, queueing and batching."""
@@ -101,6 +102,40 @@ class EngineEvents:
             "are still served); 0 otherwise.",
             registry=r,
         )
+
+    def _reference_cache_metrics(self, r: CollectorRegistry) -> None:
+        """The reference log-prob cache (engine/reference_lookup.py)."""
+        self.reference_cache = {
+            what: Counter(f"dpo_reference_cache_{what}", text, registry=r)
+            for what, text in (
+                ("hits", "Reference log-probs (one per sequence) served from the cache."),
+                ("misses", "Reference log-probs not in the cache (computed, then stored)."),
+                ("evictions", "Reference cache rows evicted (least recently used)."),
+            )
+        }
+        self.reference_cache_errors = Counter(
+            "dpo_reference_cache_errors",
+            "Reference cache faults (open, corrupt, read, write, damaged_row); requests go on.",
+            ["kind"],
+            registry=r,
+        )
+        self.reference_cache_entries = Gauge(
+            "dpo_reference_cache_entries", "Sequences in the reference cache.", registry=r
+        )
+        self.reference_cache_bytes = Gauge(
+            "dpo_reference_cache_bytes", "Reference cache size on disk (file + WAL).", registry=r
+        )
+
+    def on_reference_cache(self, what: str, n: int) -> None:
+        if n:
+            self.reference_cache[what].inc(n)
+
+    def on_reference_cache_error(self, kind: str) -> None:
+        self.reference_cache_errors.labels(kind=kind).inc()
+
+    def on_reference_cache_size(self, entries: int, size_bytes: int) -> None:
+        self.reference_cache_entries.set(entries)
+        self.reference_cache_bytes.set(size_bytes)
 
     # engine hooks ------------------------------------------------------------------------
     def on_loaded(self, version: int) -> None:

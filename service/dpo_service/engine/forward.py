@@ -86,16 +86,33 @@ def _concat(parts: list[tuple[list[int], SequenceLogps]], n: int) -> SequenceLog
         out.rejected[index] = part.rejected.float()
         out.chosen_tokens[index] = part.chosen_tokens
         out.rejected_tokens[index] = part.rejected_tokens
+    if all(part.chosen_token_logps is not None for _, part in parts):  # return_token_logps
+        out.chosen_token_logps, out.rejected_token_logps = _tokens_in_order(parts, n)
     return out
 
 
+def _tokens_in_order(
+    parts: list[tuple[list[int], SequenceLogps]], n: int
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per-token log-prob lists of the micro-batches back in the original pair order."""
+    chosen: list[torch.Tensor] = [torch.empty(0)] * n
+    rejected: list[torch.Tensor] = [torch.empty(0)] * n
+    for idx, part in parts:
+        assert part.chosen_token_logps is not None and part.rejected_token_logps is not None
+        for k, i in enumerate(idx):
+            chosen[i], rejected[i] = part.chosen_token_logps[k], part.rejected_token_logps[k]
+    return chosen, rejected
+
+
 def forward_logps(
-    model: CausalLM, pairs: Sequence[PairTokens], settings: Settings, bundle: ModelBundle
-) -> SequenceLogps:
+    model: CausalLM, pairs: Sequence[PairTokens], settings: Settings, bundle: ModelBundle,
+    *, return_token_logps: bool = False,
+) -> SequenceLogps:  # fmt: skip
     """Response log-probs of ``pairs`` under ``model`` (the policy or the frozen reference of
     ``bundle``), in length-sorted micro-batches (see :func:`micro_batches`), computed in the
     compute dtype ``DPO_DTYPE`` (autocast; the sums are float32). Call it under
-    ``inference_mode``: it is the loss-only and reference path."""
+    ``inference_mode``: it is the loss-only and reference path. ``return_token_logps``: also
+    every response's per-token log-probs (``SequenceLogps.chosen_token_logps``)."""
     device = model.lm_head_weight.device
     overhead = GROUP_OVERHEAD_TOKENS.get(device.type, GROUP_OVERHEAD_TOKENS["cuda"])
     strategy = strategy_for(settings, bundle)
@@ -110,6 +127,7 @@ def forward_logps(
                 pad_id=bundle.tokenizer.pad_id,
                 head=settings.logp_head,
                 memory_budget_bytes=settings.memory_budget_bytes,
+                return_token_logps=return_token_logps,
             )
         parts.append((group, logps))
     return _concat(parts, len(pairs))

@@ -4,11 +4,14 @@ bookkeeping of micro-batches (rows of a coalesced batch, parts of a train step).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
+from torch import Tensor
 
 from dpo_service.engine.preparation import PreparedRequest
 from dpo_service.errors import ErrorCode, ServiceError
+from modern_llm.alignment.composed_loss import ComposedOutput, composed_preference_loss
 from modern_llm.alignment.dpo_loss import LossOutput, PreferenceLogps, preference_loss
 from modern_llm.alignment.logprobs import SequenceLogps
 
@@ -44,12 +47,46 @@ def preference_inputs(
     )
 
 
-def compute_loss(request: PreparedRequest, inputs: PreferenceLogps) -> LossOutput:
-    """The request's loss; a loss-function ``ValueError`` is the caller's 422."""
+@dataclass
+class RequestOutput(LossOutput):
+    """``LossOutput`` plus what a request may ask for besides: each term of a composed loss
+    (unweighted per-pair losses, in the request's order) and the per-token log-probs."""
+
+    term_losses: dict[str, Tensor] = field(default_factory=dict)
+    weights: dict[str, float] = field(default_factory=dict)
+    chosen_token_logps: list[Tensor] | None = None  # detached, one per pair
+    rejected_token_logps: list[Tensor] | None = None
+
+
+def compute_loss(
+    request: PreparedRequest, inputs: PreferenceLogps, logps: SequenceLogps | None = None
+) -> RequestOutput:
+    """The request's loss (the weighted total of a composed loss); with ``return_token_logps``
+    the token log-probs of ``logps`` (the policy's, for the same pairs) ride along. A
+    loss-function ``ValueError`` is the caller's 422."""
     try:
-        return preference_loss(inputs, request.loss)
+        if request.composed is not None:
+            out: LossOutput = composed_preference_loss(inputs, request.composed)
+        else:
+            out = preference_loss(inputs, request.loss)
     except ValueError as exc:
         raise ServiceError(ErrorCode.INVALID_ARGUMENT, f"loss: {exc}") from exc
+    result = RequestOutput(
+        loss=out.loss,
+        losses=out.losses,
+        rewards_chosen=out.rewards_chosen,
+        rewards_rejected=out.rewards_rejected,
+        margins=out.margins,
+        accuracies=out.accuracies,
+    )
+    if isinstance(out, ComposedOutput):
+        result.term_losses, result.weights = out.term_losses, out.weights
+    chosen = None if logps is None else logps.chosen_token_logps
+    rejected = None if logps is None else logps.rejected_token_logps
+    if request.return_token_logps and chosen is not None and rejected is not None:
+        result.chosen_token_logps = [t.detach() for t in chosen]
+        result.rejected_token_logps = [t.detach() for t in rejected]
+    return result
 
 
 def rows_of(logps: SequenceLogps, rows: slice) -> SequenceLogps:
@@ -59,6 +96,12 @@ def rows_of(logps: SequenceLogps, rows: slice) -> SequenceLogps:
         rejected=logps.rejected[rows],
         chosen_tokens=logps.chosen_tokens[rows],
         rejected_tokens=logps.rejected_tokens[rows],
+        chosen_token_logps=None
+        if logps.chosen_token_logps is None
+        else logps.chosen_token_logps[rows],
+        rejected_token_logps=(
+            None if logps.rejected_token_logps is None else logps.rejected_token_logps[rows]
+        ),
     )
 
 
@@ -95,6 +138,18 @@ def _required(t: torch.Tensor | None) -> torch.Tensor:
     return t
 
 
+def _tokens_in_order(parts: list[Part], n: int, name: str) -> list[Tensor] | None:
+    """Per-pair token log-prob lists of the parts put back in request order."""
+    out: list[Tensor | None] = [None] * n
+    for idx, _, o in parts:
+        values = getattr(o, name, None)
+        if values is None:
+            return None
+        for i, t in zip(idx, values, strict=True):
+            out[i] = t
+    return [_required(t) for t in out]
+
+
 def merge_parts(parts: list[Part], n: int) -> tuple[PreferenceLogps, LossOutput]:
     """The whole request's loss inputs and output from its micro-batches."""
 
@@ -113,12 +168,25 @@ def merge_parts(parts: list[Part], n: int) -> tuple[PreferenceLogps, LossOutput]
         rejected_lengths=inputs_field("rejected_lengths"),
     )
     losses = output_field("losses")
-    out = LossOutput(
+    first = parts[0][2]
+    terms = first.term_losses if isinstance(first, RequestOutput) else {}
+    out = RequestOutput(
         loss=losses.mean(),
         losses=losses,
         rewards_chosen=output_field("rewards_chosen"),
         rewards_rejected=output_field("rewards_rejected"),
         margins=output_field("margins"),
         accuracies=output_field("accuracies"),
+        term_losses={
+            name: _required(
+                _in_request_order(
+                    [(g, getattr(o, "term_losses", {})[name]) for g, _, o in parts], n
+                )
+            )
+            for name in terms
+        },
+        weights=first.weights if isinstance(first, RequestOutput) else {},
+        chosen_token_logps=_tokens_in_order(parts, n, "chosen_token_logps"),
+        rejected_token_logps=_tokens_in_order(parts, n, "rejected_token_logps"),
     )
     return inputs, out

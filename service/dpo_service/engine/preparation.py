@@ -22,9 +22,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
+from dpo_service.engine.conversation_tokens import conversation_tokens
+from dpo_service.engine.response_size import check_token_logps_size
 from dpo_service.errors import ServiceError, invalid
 from dpo_service.models.bundle import TripleTokenizer
-from dpo_service.schemas import LossRequest, TextPair, TokenPair
+from dpo_service.schemas import ConversationPair, LossRequest, TextPair, TokenPair
+from modern_llm.alignment.composed_loss import ComposedLossConfig, LossTerm
 from modern_llm.alignment.dpo_loss import LossConfig
 from modern_llm.alignment.logprobs import PairTokens
 
@@ -56,6 +59,8 @@ class Limits:
     max_pairs: int
     max_request_tokens: int
     has_reference: bool = False
+    # largest response with per-token log-probs (the gRPC message limit); None: no limit
+    max_response_bytes: int | None = None
 
 
 @dataclass
@@ -74,6 +79,10 @@ class PreparedRequest:
     # sha256 of what the step would compute (train requests with a request_id only): a
     # request_id reused with a different request is refused, not answered with the old result
     digest: str | None = None
+    # loss_type given as a list (terms and weights); None: the single ``loss`` as before
+    composed: ComposedLossConfig | None = None
+    # also answer each response's per-token log-probs and token ids
+    return_token_logps: bool = False
 
     @property
     def num_pairs(self) -> int:
@@ -114,11 +123,17 @@ def _check_text(pair: TextPair, i: int, max_chars: int) -> None:
 
 
 def _pair_tokens(
-    pair: TextPair | TokenPair, i: int, tokenizer: TripleTokenizer, limits: Limits
-) -> tuple[PairTokens, tuple[str, str, str]]:
+    pair: TextPair | TokenPair | ConversationPair, i: int, tokenizer: TripleTokenizer,
+    limits: Limits,
+) -> tuple[PairTokens, tuple[str, str, str]]:  # fmt: skip
     """One pair's token ids (every id checked against the model's vocabulary) and the names
     of its fields."""
-    if isinstance(pair, TextPair):
+    if isinstance(pair, ConversationPair):
+        max_chars = limits.max_sequence_tokens * MAX_CHARS_PER_TOKEN
+        tokens = conversation_tokens(pair, i, tokenizer, max_chars, _TOKENIZER_LOCK)
+        names = ("prompt", "chosen", "rejected")
+        where = "produced by the chat template and tokenizer from"
+    elif isinstance(pair, TextPair):
         _check_text(pair, i, limits.max_sequence_tokens * MAX_CHARS_PER_TOKEN)
         with _TOKENIZER_LOCK:  # HF fast tokenizers are not safe to call from two threads
             tokens = tokenizer.encode_triple(pair.prompt, pair.chosen, pair.rejected)
@@ -192,8 +207,35 @@ def _references(request: LossRequest) -> tuple[str, list[float] | None, list[flo
     return "provided", chosen, rejected
 
 
-def _loss_config(request: LossRequest) -> LossConfig:
-    """The loss and its hyper-parameters; an error names the field that is wrong."""
+def _composed_config(request: LossRequest) -> ComposedLossConfig | None:
+    """``loss_type`` as a list: its terms and weights (None for a single name); an error
+    names the field (``loss_type[1]``, ``loss_weights``, ...)."""
+    if not isinstance(request.loss_type, list):
+        if request.loss_weights is not None:
+            raise invalid("loss_weights", "only with loss_type given as a list of terms")
+        return None
+    try:
+        return ComposedLossConfig(
+            loss_type=list(request.loss_type),
+            loss_weights=request.loss_weights,
+            beta=request.beta,
+            label_smoothing=request.label_smoothing,
+            simpo_gamma=request.simpo_gamma,
+        )
+    except ValueError as exc:
+        message = str(exc)
+        name = message.split(" ", 1)[0].rstrip(":")
+        if not name.startswith(("loss_type", "loss_weights", *_LOSS_FIELDS)):
+            name = "loss_type"
+        raise invalid(name, message.removeprefix(name).lstrip(": ")) from exc
+
+
+def _loss_config(request: LossRequest, composed: ComposedLossConfig | None) -> LossConfig:
+    """The loss and its hyper-parameters; an error names the field that is wrong. A composed
+    loss reports the rewards of its first preference term (sigmoid's when it has none)."""
+    if composed is not None:
+        return composed.term_config(composed.reward_term or LossTerm.SIGMOID)
+    assert not isinstance(request.loss_type, list)
     try:
         return LossConfig(
             loss_type=request.loss_type,
@@ -226,6 +268,14 @@ def request_digest(prepared: PreparedRequest) -> str:
             )
         ).encode()
     )
+    if prepared.composed is not None or prepared.return_token_logps:  # absent: digests as before
+        composed = prepared.composed
+        terms = (
+            []
+            if composed is None
+            else [(t.value, w.hex()) for t, w in zip(composed.terms, composed.weights, strict=True)]
+        )
+        h.update(repr(("issue14", terms, prepared.return_token_logps)).encode())
     for values in (prepared.reference_chosen, prepared.reference_rejected):
         h.update(b"ref:" + (array("d", values).tobytes() if values is not None else b"-"))
     for pair in prepared.pairs:
@@ -242,7 +292,8 @@ def prepare(request: LossRequest, tokenizer: TripleTokenizer, limits: Limits) ->
         raise invalid(
             "pairs", f"{len(request.pairs)} pairs, more than the limit of {limits.max_pairs}"
         )
-    loss = _loss_config(request)
+    composed = _composed_config(request)
+    loss = _loss_config(request, composed)
     pairs = _tokenize(request, tokenizer, limits)
     num_tokens = sum(len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
     if num_tokens > limits.max_request_tokens:
@@ -251,6 +302,8 @@ def prepare(request: LossRequest, tokenizer: TripleTokenizer, limits: Limits) ->
             f"the request has {num_tokens} tokens, more than the limit of "
             f"{limits.max_request_tokens}",
         )
+    if request.return_token_logps:
+        check_token_logps_size(pairs, limits.vocab_size, limits.max_response_bytes)
     reference, ref_c, ref_r = _references(request)
     if reference == "frozen" and not limits.has_reference:
         raise invalid(
@@ -269,6 +322,8 @@ def prepare(request: LossRequest, tokenizer: TripleTokenizer, limits: Limits) ->
         request_id=request.request_id,
         expected_version=request.expected_version,
         num_tokens=num_tokens,
+        composed=composed,
+        return_token_logps=request.return_token_logps,
     )
     if prepared.train and prepared.request_id is not None:
         prepared.digest = request_digest(prepared)

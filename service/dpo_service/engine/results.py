@@ -53,6 +53,14 @@ class LossResult:
     trained: bool = False
     grad_norm: float | None = None
     new_model_version: int | None = None
+    # issue 14: a composed loss's terms (batch means, unweighted) and weights; per-token
+    # log-probs and token ids of the responses (return_token_logps)
+    loss_terms: dict[str, float] | None = None
+    loss_weights: dict[str, float] | None = None
+    chosen_token_logps: list[list[float]] | None = None
+    chosen_token_ids: list[list[int]] | None = None
+    rejected_token_logps: list[list[float]] | None = None
+    rejected_token_ids: list[list[int]] | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # reserved for later fields
 
     def as_dict(self) -> dict[str, Any]:
@@ -98,6 +106,23 @@ def all_finite(out: LossOutput) -> bool:
     return all(bool(torch.isfinite(t.detach()).all()) for t in tensors)
 
 
+def _request_extras(request: PreparedRequest, out: LossOutput) -> dict[str, Any]:
+    """The fields a request asked for besides the loss: composed terms, token log-probs."""
+    extras: dict[str, Any] = {}
+    terms = getattr(out, "term_losses", None)
+    if request.composed is not None and terms:
+        extras["loss_terms"] = {k: float(v.detach().double().mean()) for k, v in terms.items()}
+        extras["loss_weights"] = dict(getattr(out, "weights", {}))
+    chosen = getattr(out, "chosen_token_logps", None)
+    rejected = getattr(out, "rejected_token_logps", None)
+    if request.return_token_logps and chosen is not None and rejected is not None:
+        extras["chosen_token_logps"] = [_floats(t) or [] for t in chosen]
+        extras["rejected_token_logps"] = [_floats(t) or [] for t in rejected]
+        extras["chosen_token_ids"] = [list(p.chosen) for p in request.pairs]
+        extras["rejected_token_ids"] = [list(p.rejected) for p in request.pairs]
+    return extras
+
+
 def result_from(
     request: PreparedRequest,
     inputs: PreferenceLogps,
@@ -113,6 +138,10 @@ def result_from(
             "the loss or rewards are not finite for this input (beta or reference log-probs "
             "too large?)",
         )
+    extras = _request_extras(request, out)
+    metrics = dpo_metrics(out, inputs)
+    for name, value in (extras.get("loss_terms") or {}).items():
+        metrics[f"loss/{name}"] = value  # as TRL's composed_metrics
     return LossResult(
         loss=float(out.loss.detach()),
         losses=_floats(out.losses) or [],
@@ -127,11 +156,12 @@ def result_from(
         chosen_tokens=_ints(inputs.chosen_lengths),
         rejected_tokens=_ints(inputs.rejected_lengths),
         num_tokens=request.num_tokens,
-        metrics=dpo_metrics(out, inputs),
+        metrics=metrics,
         loss_type=request.loss.loss_type.value,
         beta=request.loss.beta,
         model_version=version,
         request_id=request_id,
+        **extras,
     )
 
 

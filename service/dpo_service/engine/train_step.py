@@ -26,7 +26,7 @@ import uuid
 
 import torch
 
-from dpo_service.engine.forward import forward_logps, micro_batches, strategy_for
+from dpo_service.engine.forward import micro_batches, strategy_for
 from dpo_service.engine.losses import (
     Part,
     compute_loss,
@@ -36,6 +36,7 @@ from dpo_service.engine.losses import (
 )
 from dpo_service.engine.precision import autocast
 from dpo_service.engine.preparation import PreparedRequest
+from dpo_service.engine.reference_lookup import reference_logps
 from dpo_service.engine.results import LossResult, all_finite, result_from
 from dpo_service.engine.step_guard import StepSnapshot, dry_run, updated_finite
 from dpo_service.engine.train_state import TrainState
@@ -92,7 +93,7 @@ def _reference_logps(
     """The frozen reference's log-probs of ``pairs``, as ordinary (not inference) tensors."""
     assert state.reference is not None
     with torch.inference_mode():
-        ref = forward_logps(state.reference, pairs, settings, state.bundle)
+        ref = reference_logps(state.reference, pairs, settings, state.bundle)
     return SequenceLogps(
         ref.chosen.clone(), ref.rejected.clone(), ref.chosen_tokens, ref.rejected_tokens
     )
@@ -117,9 +118,10 @@ def accumulate_gradients(
                 pad_id=state.bundle.tokenizer.pad_id,
                 head=settings.logp_head,
                 memory_budget_bytes=settings.memory_budget_bytes,
+                return_token_logps=request.return_token_logps,
             )
         inputs = preference_inputs(request, logps, ref, group)  # float32 log-probs
-        out = compute_loss(request, inputs)
+        out = compute_loss(request, inputs, logps)
         state.scaler.scale(out.losses.sum() / n).backward()  # unscaled when not float16
         parts.append((group, detached(inputs), out))
     return parts

@@ -17,7 +17,8 @@ Tokenization of text triples (as TRL's ``DPOTrainer`` does it):
 - prompt and responses are tokenized separately, so the response mask is exactly the tokens
   produced for the response; pad id: ``pad_token_id``, else ``eos_token_id``, else 0.
 
-Chat templates (message lists) are not supported yet: send the already rendered prompt text.
+Message lists (conversational pairs) are rendered with the tokenizer's chat template as TRL
+does: :mod:`dpo_service.models.chat_template`.
 
 Optimisations that apply to HF models: chosen + rejected in one forward pass; the LM head only
 on response positions (the adapter returns the decoder's final-normed hidden states and

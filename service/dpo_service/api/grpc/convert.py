@@ -16,6 +16,16 @@ from collections.abc import Mapping
 from enum import Enum
 from typing import Any
 
+from dpo_service.api.grpc.convert_chat import (
+    ISSUE14_KEYS,
+    composed_from_dict,
+    composed_to_dict,
+    conversation_from_dict,
+    conversation_to_dict,
+    issue14_from_proto,
+    issue14_to_proto,
+    options_from_dict,
+)
 from dpo_service.api.grpc.gen import dpo_service_pb2 as pb
 from dpo_service.errors import GRPC_STATUS, ErrorCode, ServiceError, invalid
 
@@ -104,8 +114,10 @@ def request_to_dict(msg: pb.ComputeLossRequest) -> dict[str, Any]:
             item = {k: getattr(pair.text, k) for k in _TEXT_KEYS}
         elif kind == "tokens":
             item = {k: list(getattr(pair.tokens, k)) for k in _ID_KEYS}
+        elif kind == "conversation":
+            item = conversation_to_dict(pair.conversation, i)
         else:
-            raise invalid(f"pairs[{i}]", "set exactly one of `text` or `tokens`")
+            raise invalid(f"pairs[{i}]", "set exactly one of `text`, `tokens` or `conversation`")
         for key in _REF_KEYS:
             if pair.HasField(key):
                 item[key] = getattr(pair, key)
@@ -120,6 +132,7 @@ def request_to_dict(msg: pb.ComputeLossRequest) -> dict[str, Any]:
         body["reference"] = REFERENCE_TO_NAME.get(msg.reference, msg.reference)
     if msg.train:
         body["train"] = True
+    composed_to_dict(msg, body)
     return body
 
 
@@ -152,6 +165,7 @@ def response_to_proto(data: Mapping[str, Any]) -> pb.ComputeLossResponse:
     for key in ("grad_norm", "new_model_version", "request_id"):
         if data.get(key) is not None:
             setattr(msg, key, data[key])
+    issue14_to_proto(data, msg)
     return msg
 
 
@@ -187,7 +201,9 @@ def error_to_proto(exc: ServiceError) -> pb.Error:
 def request_from_dict(body: Mapping[str, Any]) -> pb.ComputeLossRequest:
     """A REST body as a ``ComputeLossRequest``. Raises ``ValueError`` for what proto cannot
     carry (unknown keys, a pair that is neither text nor tokens, an unknown loss name)."""
-    known = {"pairs", "loss_type", "reference", "train", *_OPTIONAL_SCALARS}
+    known = {
+        "pairs", "loss_type", "reference", "train", *_OPTIONAL_SCALARS, *ISSUE14_KEYS,
+    }  # fmt: skip
     unknown = sorted(set(body) - known)
     if unknown:
         raise ValueError(f"{unknown[0]}: unknown request field")
@@ -195,7 +211,10 @@ def request_from_dict(body: Mapping[str, Any]) -> pb.ComputeLossRequest:
     for key in _OPTIONAL_SCALARS:
         if body.get(key) is not None:
             setattr(msg, key, body[key])
-    if body.get("loss_type") is not None:
+    options_from_dict(body, msg)
+    if isinstance(body.get("loss_type"), (list, tuple)):
+        composed_from_dict(body, msg)
+    elif body.get("loss_type") is not None:
         name = _name(body["loss_type"])
         if name not in LOSS_TYPE_FROM_NAME:
             raise ValueError(f"loss_type: unknown loss type {name!r}")
@@ -216,7 +235,9 @@ def _pair_from_dict(pair: Mapping[str, Any], i: int) -> pb.PreferencePair:
     if unknown:
         raise ValueError(f"pairs[{i}].{unknown[0]}: unknown pair field")
     out = pb.PreferencePair()
-    if keys & set(_ID_KEYS):
+    if any(isinstance(pair.get(k), (list, tuple)) for k in _TEXT_KEYS):
+        out.conversation.CopyFrom(conversation_from_dict(pair, i))
+    elif keys & set(_ID_KEYS):
         out.tokens.CopyFrom(pb.TokenTriple(**{k: list(pair.get(k) or []) for k in _ID_KEYS}))
     else:
         out.text.CopyFrom(pb.TextTriple(**{k: pair.get(k, "") for k in _TEXT_KEYS}))
@@ -250,6 +271,7 @@ def response_from_proto(msg: pb.ComputeLossResponse) -> dict[str, Any]:
         "grad_norm": msg.grad_norm if msg.HasField("grad_norm") else None,
         "new_model_version": msg.new_model_version if msg.HasField("new_model_version") else None,
         "request_id": msg.request_id if msg.HasField("request_id") else None,
+        **issue14_from_proto(msg),
     }
 
 

@@ -16,6 +16,16 @@ class LossType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     LOSS_TYPE_ROBUST: _ClassVar[LossType]
     LOSS_TYPE_SIMPO: _ClassVar[LossType]
 
+class LossTerm(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LOSS_TERM_UNSPECIFIED: _ClassVar[LossTerm]
+    LOSS_TERM_SIGMOID: _ClassVar[LossTerm]
+    LOSS_TERM_HINGE: _ClassVar[LossTerm]
+    LOSS_TERM_IPO: _ClassVar[LossTerm]
+    LOSS_TERM_ROBUST: _ClassVar[LossTerm]
+    LOSS_TERM_SIMPO: _ClassVar[LossTerm]
+    LOSS_TERM_SFT: _ClassVar[LossTerm]
+
 class ReferenceMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     REFERENCE_MODE_UNSPECIFIED: _ClassVar[ReferenceMode]
@@ -43,6 +53,13 @@ LOSS_TYPE_HINGE: LossType
 LOSS_TYPE_IPO: LossType
 LOSS_TYPE_ROBUST: LossType
 LOSS_TYPE_SIMPO: LossType
+LOSS_TERM_UNSPECIFIED: LossTerm
+LOSS_TERM_SIGMOID: LossTerm
+LOSS_TERM_HINGE: LossTerm
+LOSS_TERM_IPO: LossTerm
+LOSS_TERM_ROBUST: LossTerm
+LOSS_TERM_SIMPO: LossTerm
+LOSS_TERM_SFT: LossTerm
 REFERENCE_MODE_UNSPECIFIED: ReferenceMode
 REFERENCE_MODE_AUTO: ReferenceMode
 REFERENCE_MODE_NONE: ReferenceMode
@@ -80,20 +97,54 @@ class TokenTriple(_message.Message):
     rejected_ids: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, prompt_ids: _Optional[_Iterable[int]] = ..., chosen_ids: _Optional[_Iterable[int]] = ..., rejected_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
+class Message(_message.Message):
+    __slots__ = ("role", "content")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    content: str
+    def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
+
+class MessageList(_message.Message):
+    __slots__ = ("messages",)
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    messages: _containers.RepeatedCompositeFieldContainer[Message]
+    def __init__(self, messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ...) -> None: ...
+
+class ConversationResponse(_message.Message):
+    __slots__ = ("messages", "text")
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    messages: MessageList
+    text: str
+    def __init__(self, messages: _Optional[_Union[MessageList, _Mapping]] = ..., text: _Optional[str] = ...) -> None: ...
+
+class Conversation(_message.Message):
+    __slots__ = ("prompt", "chosen", "rejected")
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    CHOSEN_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FIELD_NUMBER: _ClassVar[int]
+    prompt: _containers.RepeatedCompositeFieldContainer[Message]
+    chosen: ConversationResponse
+    rejected: ConversationResponse
+    def __init__(self, prompt: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., chosen: _Optional[_Union[ConversationResponse, _Mapping]] = ..., rejected: _Optional[_Union[ConversationResponse, _Mapping]] = ...) -> None: ...
+
 class PreferencePair(_message.Message):
-    __slots__ = ("text", "tokens", "reference_chosen_logp", "reference_rejected_logp")
+    __slots__ = ("text", "tokens", "conversation", "reference_chosen_logp", "reference_rejected_logp")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CONVERSATION_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_CHOSEN_LOGP_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_REJECTED_LOGP_FIELD_NUMBER: _ClassVar[int]
     text: TextTriple
     tokens: TokenTriple
+    conversation: Conversation
     reference_chosen_logp: float
     reference_rejected_logp: float
-    def __init__(self, text: _Optional[_Union[TextTriple, _Mapping]] = ..., tokens: _Optional[_Union[TokenTriple, _Mapping]] = ..., reference_chosen_logp: _Optional[float] = ..., reference_rejected_logp: _Optional[float] = ...) -> None: ...
+    def __init__(self, text: _Optional[_Union[TextTriple, _Mapping]] = ..., tokens: _Optional[_Union[TokenTriple, _Mapping]] = ..., conversation: _Optional[_Union[Conversation, _Mapping]] = ..., reference_chosen_logp: _Optional[float] = ..., reference_rejected_logp: _Optional[float] = ...) -> None: ...
 
 class ComputeLossRequest(_message.Message):
-    __slots__ = ("pairs", "beta", "loss_type", "label_smoothing", "simpo_gamma", "reference", "train", "request_id", "expected_version")
+    __slots__ = ("pairs", "beta", "loss_type", "label_smoothing", "simpo_gamma", "reference", "train", "request_id", "expected_version", "loss_terms", "loss_weights", "return_token_logps")
     PAIRS_FIELD_NUMBER: _ClassVar[int]
     BETA_FIELD_NUMBER: _ClassVar[int]
     LOSS_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -103,6 +154,9 @@ class ComputeLossRequest(_message.Message):
     TRAIN_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    LOSS_TERMS_FIELD_NUMBER: _ClassVar[int]
+    LOSS_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    RETURN_TOKEN_LOGPS_FIELD_NUMBER: _ClassVar[int]
     pairs: _containers.RepeatedCompositeFieldContainer[PreferencePair]
     beta: float
     loss_type: LossType
@@ -112,11 +166,28 @@ class ComputeLossRequest(_message.Message):
     train: bool
     request_id: str
     expected_version: int
-    def __init__(self, pairs: _Optional[_Iterable[_Union[PreferencePair, _Mapping]]] = ..., beta: _Optional[float] = ..., loss_type: _Optional[_Union[LossType, str]] = ..., label_smoothing: _Optional[float] = ..., simpo_gamma: _Optional[float] = ..., reference: _Optional[_Union[ReferenceMode, str]] = ..., train: _Optional[bool] = ..., request_id: _Optional[str] = ..., expected_version: _Optional[int] = ...) -> None: ...
+    loss_terms: _containers.RepeatedScalarFieldContainer[LossTerm]
+    loss_weights: _containers.RepeatedScalarFieldContainer[float]
+    return_token_logps: bool
+    def __init__(self, pairs: _Optional[_Iterable[_Union[PreferencePair, _Mapping]]] = ..., beta: _Optional[float] = ..., loss_type: _Optional[_Union[LossType, str]] = ..., label_smoothing: _Optional[float] = ..., simpo_gamma: _Optional[float] = ..., reference: _Optional[_Union[ReferenceMode, str]] = ..., train: _Optional[bool] = ..., request_id: _Optional[str] = ..., expected_version: _Optional[int] = ..., loss_terms: _Optional[_Iterable[_Union[LossTerm, str]]] = ..., loss_weights: _Optional[_Iterable[float]] = ..., return_token_logps: _Optional[bool] = ...) -> None: ...
 
 class ComputeLossResponse(_message.Message):
-    __slots__ = ("loss", "losses", "chosen_logps", "rejected_logps", "reference_chosen_logps", "reference_rejected_logps", "rewards_chosen", "rewards_rejected", "margins", "accuracy", "chosen_tokens", "rejected_tokens", "num_tokens", "metrics", "loss_type", "beta", "model_version", "trained", "grad_norm", "new_model_version", "request_id")
+    __slots__ = ("loss", "losses", "chosen_logps", "rejected_logps", "reference_chosen_logps", "reference_rejected_logps", "rewards_chosen", "rewards_rejected", "margins", "accuracy", "chosen_tokens", "rejected_tokens", "num_tokens", "metrics", "loss_type", "beta", "model_version", "trained", "grad_norm", "new_model_version", "request_id", "loss_terms", "loss_weights", "chosen_token_logps", "rejected_token_logps")
     class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class LossTermsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class LossWeightsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -144,6 +215,10 @@ class ComputeLossResponse(_message.Message):
     GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
     NEW_MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    LOSS_TERMS_FIELD_NUMBER: _ClassVar[int]
+    LOSS_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    CHOSEN_TOKEN_LOGPS_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_TOKEN_LOGPS_FIELD_NUMBER: _ClassVar[int]
     loss: float
     losses: _containers.RepeatedScalarFieldContainer[float]
     chosen_logps: _containers.RepeatedScalarFieldContainer[float]
@@ -165,7 +240,19 @@ class ComputeLossResponse(_message.Message):
     grad_norm: float
     new_model_version: int
     request_id: str
-    def __init__(self, loss: _Optional[float] = ..., losses: _Optional[_Iterable[float]] = ..., chosen_logps: _Optional[_Iterable[float]] = ..., rejected_logps: _Optional[_Iterable[float]] = ..., reference_chosen_logps: _Optional[_Iterable[float]] = ..., reference_rejected_logps: _Optional[_Iterable[float]] = ..., rewards_chosen: _Optional[_Iterable[float]] = ..., rewards_rejected: _Optional[_Iterable[float]] = ..., margins: _Optional[_Iterable[float]] = ..., accuracy: _Optional[float] = ..., chosen_tokens: _Optional[_Iterable[int]] = ..., rejected_tokens: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., loss_type: _Optional[_Union[LossType, str]] = ..., beta: _Optional[float] = ..., model_version: _Optional[int] = ..., trained: _Optional[bool] = ..., grad_norm: _Optional[float] = ..., new_model_version: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+    loss_terms: _containers.ScalarMap[str, float]
+    loss_weights: _containers.ScalarMap[str, float]
+    chosen_token_logps: _containers.RepeatedCompositeFieldContainer[TokenLogps]
+    rejected_token_logps: _containers.RepeatedCompositeFieldContainer[TokenLogps]
+    def __init__(self, loss: _Optional[float] = ..., losses: _Optional[_Iterable[float]] = ..., chosen_logps: _Optional[_Iterable[float]] = ..., rejected_logps: _Optional[_Iterable[float]] = ..., reference_chosen_logps: _Optional[_Iterable[float]] = ..., reference_rejected_logps: _Optional[_Iterable[float]] = ..., rewards_chosen: _Optional[_Iterable[float]] = ..., rewards_rejected: _Optional[_Iterable[float]] = ..., margins: _Optional[_Iterable[float]] = ..., accuracy: _Optional[float] = ..., chosen_tokens: _Optional[_Iterable[int]] = ..., rejected_tokens: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., loss_type: _Optional[_Union[LossType, str]] = ..., beta: _Optional[float] = ..., model_version: _Optional[int] = ..., trained: _Optional[bool] = ..., grad_norm: _Optional[float] = ..., new_model_version: _Optional[int] = ..., request_id: _Optional[str] = ..., loss_terms: _Optional[_Mapping[str, float]] = ..., loss_weights: _Optional[_Mapping[str, float]] = ..., chosen_token_logps: _Optional[_Iterable[_Union[TokenLogps, _Mapping]]] = ..., rejected_token_logps: _Optional[_Iterable[_Union[TokenLogps, _Mapping]]] = ...) -> None: ...
+
+class TokenLogps(_message.Message):
+    __slots__ = ("token_ids", "logps")
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    LOGPS_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    logps: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., logps: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class FieldViolation(_message.Message):
     __slots__ = ("field", "description")
