@@ -1,12 +1,13 @@
 # Verbs: dev (install), proto (regenerate stubs), lint, test, check (lint + test), serve, bench,
 # bench-precision (fp32 vs bf16 autocast), bench-hf (an hf: Llama vs the built-in model),
 # bench-reference (reference log-prob cache: cold vs warm epoch, lookup overhead),
+# bench-sessions (LoRA sessions vs full-parameter steps, memory per session, 1/4/16 sessions),
 # gpu-check (CUDA tests + precision bench on a GPU).
 PY := .venv/bin/python
 export PYTHONHASHSEED := 0
 
 .PHONY: dev proto proto-check buf-lint compose-check lint test test-fast check serve bench \
-	bench-precision bench-hf bench-reference gpu-check
+	bench-precision bench-hf bench-reference bench-sessions gpu-check
 
 dev:
 	bash scripts/setup.sh
@@ -50,6 +51,9 @@ bench-hf:
 
 bench-reference:
 	$(PY) bench/reference_cache.py
+
+bench-sessions:
+	$(PY) bench/sessions.py
 
 gpu-check:
 	bash bench/gpu_check.sh

@@ -1,4 +1,5 @@
-"""``dpo-service`` command line: ``serve``, ``info``, ``train-remote``, ``precompute-reference``.
+"""``dpo-service`` command line: ``serve``, ``info``, ``train-remote``, ``precompute-reference``,
+``export-adapter``.
 
 Settings come from ``DPO_*`` environment variables; the flags here override the few that
 people change on the command line. Secrets (the API key) are never accepted as flags.
@@ -33,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
 
     add_arguments(remote)
     _add_precompute(sub)
+    _add_export_adapter(sub)
     info = sub.add_parser("info", help="print the effective settings (secrets masked) and exit")
     info.add_argument("--model", help="as for serve")
     return parser
@@ -48,6 +50,39 @@ def _add_precompute(sub: Any) -> None:
     pre.add_argument("--model", help="as for serve")
     pre.add_argument("--checkpoint-dir", help="as for serve (locates the default cache file)")
     pre.add_argument("--batch-pairs", type=int, default=32, help="pairs per reference pass")
+
+
+def _add_export_adapter(sub: Any) -> None:
+    exp = sub.add_parser(
+        "export-adapter",
+        help="download a session's LoRA adapter in PEFT's format (adapter_config.json + "
+        "adapter_model.safetensors); the key (session or admin) comes from "
+        "DPO_TRAINER_API_KEY or --api-key-file",
+    )
+    exp.add_argument("--url", required=True, help="the service's HTTP base URL")
+    exp.add_argument("--session", required=True, help="the session id")
+    exp.add_argument("--out", required=True, help="directory to write the two files to")
+    exp.add_argument("--api-key-file", help="file holding the session (or admin) key")
+
+
+def _export_adapter(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from dpo_service.client.adapter_export import download_adapter
+    from dpo_service.client.remote_trainer import TrainerSettings
+    from dpo_service.client.transports import DpoClientError
+
+    secret = TrainerSettings().api_key
+    key = secret.get_secret_value() if secret is not None else None
+    if args.api_key_file is not None:
+        key = Path(args.api_key_file).read_text(encoding="utf-8").strip()
+    try:
+        out = download_adapter(args.url, args.session, key, Path(args.out))
+    except (DpoClientError, ValueError, OSError) as exc:
+        print(f"dpo-service export-adapter: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({"session": args.session, "path": str(out)}))
+    return 0
 
 
 def _precompute(args: argparse.Namespace, settings: Settings) -> int:
@@ -85,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         from dpo_service.client.remote_trainer import run
 
         return run(args)
+    if args.command == "export-adapter":  # issue 12: a client command, no server settings
+        return _export_adapter(args)
     try:
         settings = Settings(**_overrides(args))
     except Exception as exc:  # pydantic ValidationError or an unreadable key file

@@ -24,6 +24,8 @@ from modern_llm.alignment.dpo_loss import LossType
 
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 REQUEST_ID_PATTERN = r"^[!-~]{1,128}$"
+#: A session id (issue 12): "s-" and 16 lowercase hex digits.
+SESSION_ID_PATTERN = r"^s-[0-9a-f]{16}$"
 
 
 class _Strict(BaseModel):
@@ -166,6 +168,19 @@ class LossRequest(_Strict):
         description="Also return every response's per-token log-probs and token ids "
         "(chosen_token_logps, chosen_token_ids, ...); a JSON boolean.",
     )
+    # --- sessions: LoRA adapters (issue 12; README "Sessions and LoRA") ---------------
+    session: Annotated[str, Field(pattern=SESSION_ID_PATTERN)] | None = Field(
+        None,
+        description="Run on this session's LoRA adapter (authorised by the session key); "
+        "null: the default model, as before. Unset beta/loss_type take the session's "
+        "defaults; reference auto means the session's reference choice.",
+    )
+    accumulate: StrictBool = Field(
+        False,
+        description="With train=true and a session: add this request's gradient to the "
+        "session's buffer without stepping (POST /v1/sessions/{id}/step applies one step "
+        "over everything accumulated); the version does not move.",
+    )
 
 
 class LossResponse(BaseModel):
@@ -244,6 +259,13 @@ class LossResponse(BaseModel):
     )
     rejected_token_ids: list[list[int]] | None = Field(
         None, description="return_token_logps: per rejected response, the token ids scored."
+    )
+    # --- sessions (issue 12) ------------------------------------------------------------
+    session: str | None = Field(None, description="The session the request ran on, if any.")
+    accumulated_pairs: int | None = Field(
+        None,
+        description="accumulate=true: pairs accumulated in the session since its last step "
+        "(this request's included); null otherwise.",
     )
 
 

@@ -308,6 +308,14 @@ class Settings(BaseSettings):
             return self.checkpoint_dir / "reference_cache.sqlite"
         return None
 
+    # --- sessions: LoRA adapters on a shared base (issue 12; README "Sessions and LoRA") ---
+    max_sessions: int = Field(
+        8,
+        ge=0,
+        description="Training sessions (LoRA adapters) held at once; creating one more is "
+        "refused (429 / RESOURCE_EXHAUSTED). 0 disables sessions.",
+    )
+
     log_level: str = Field("info", description="Log level.")
 
     @field_validator("dtype")

@@ -108,6 +108,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "dpo_service.settings": (),
     "dpo_service.conversations": (),  # pure chat-message checks: server and client share them
     "dpo_service.schemas": ("modern_llm",),
+    "dpo_service.schemas_sessions": ("dpo_service.schemas", "modern_llm"),  # issue 12
     "dpo_service.state": (),
     "dpo_service.models": ("modern_llm",),
     "dpo_service.engine": (
@@ -124,6 +125,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
         "dpo_service.errors",
         "dpo_service.settings",
         "dpo_service.schemas",
+        "dpo_service.schemas_sessions",
     ),
     "dpo_service.client": (
         "dpo_service.api.grpc.convert",

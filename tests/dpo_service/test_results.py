@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from dpo_service.engine.admission import make_engine
 from dpo_service.engine.checkpointing import restore_idempotency
 from dpo_service.engine.preparation import prepare
 from dpo_service.engine.results import RESULT_SCHEMA, LossResult, UnknownResultSchema
+from dpo_service.engine.sessions.service import session_fields
 from dpo_service.schemas import LossRequest, LossResponse
 from dpo_service.settings import Settings
 from dpo_service.state.record import IdempotencyRecord
@@ -47,9 +49,12 @@ def test_json_round_trip_and_schema_tag() -> None:
 
 
 def test_the_wire_response_is_built_from_the_result_field_for_field() -> None:
-    result = _result()
-    response = LossResponse.model_validate(result.as_dict())
-    assert response.model_dump(mode="json") == {**result.as_dict(), "loss_type": "sigmoid"}
+    """As the adapters build it: the result's fields plus its session's (``result.extra``)."""
+    for result in (_result(), replace(_result(), extra={"session": "s-" + "0" * 16})):
+        wire = {**result.as_dict(), **session_fields(result)}
+        response = LossResponse.model_validate(wire)
+        assert response.model_dump(mode="json") == {**wire, "loss_type": "sigmoid"}
+        assert response.session == result.extra.get("session")
 
 
 def test_unknown_keys_of_the_same_schema_are_ignored() -> None:

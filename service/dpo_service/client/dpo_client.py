@@ -86,6 +86,9 @@ class LossResult:
     chosen_token_ids: list[list[int]] | None = None
     rejected_token_logps: list[list[float]] | None = None
     rejected_token_ids: list[list[int]] | None = None
+    # sessions (issue 12): the session the request ran on; pairs accumulated (accumulate)
+    session: str | None = None
+    accumulated_pairs: int | None = None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> LossResult:

@@ -34,6 +34,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from dpo_service.client import DpoClient, DpoClientError
 from dpo_service.client.preference_data import load_examples
+from dpo_service.client.trainer_sessions import (
+    add_session_arguments,
+    finish_session,
+    open_session,
+)
 
 
 class TrainerSettings(BaseSettings):
@@ -277,6 +282,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key-file", type=Path, help="file holding the service's API key")
     parser.add_argument("--no-checkpoint", action="store_true", help="skip the final checkpoint")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_session_arguments(parser)  # issue 12: --session, --lora-*, --export
 
 
 def _check_counts(args: argparse.Namespace) -> None:
@@ -304,9 +310,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         pairs, eval_plan = _load(args)
         loss_fields = loss_options(args.loss_type, args.loss_weights)
-    except ValueError as err:  # DatasetError included
+        session = open_session(args, api_key)  # issue 12: None without --session
+    except (ValueError, OSError, DpoClientError) as err:  # DatasetError included
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if session is not None:  # train the session's adapter with the session's key
+        api_key, loss_fields["session"] = session.key, session.id
     with connect(args.target, api_key, args.timeout) as client:
         info = client.model_info()
         held_out = f" (+{len(eval_plan.pairs)} held out)" if eval_plan else ""
@@ -322,7 +331,13 @@ def run(args: argparse.Namespace) -> int:
         except DpoClientError as err:
             print(f"error: the service refused a request: {err}", file=sys.stderr)
             return 1
-        if not args.no_checkpoint:
+        if session is not None:
+            try:
+                finish_session(args, session)
+            except (ValueError, OSError, DpoClientError) as err:
+                print(f"error: {err}", file=sys.stderr)
+                return 1
+        elif not args.no_checkpoint:
             try:
                 ckpt = client.checkpoint()
                 print(f"checkpoint written at version {ckpt.model_version}: {ckpt.path}")

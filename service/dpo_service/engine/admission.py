@@ -20,6 +20,7 @@ from typing import Any
 from dpo_service.engine.engine import Engine
 from dpo_service.engine.preparation import off_loop, prepare
 from dpo_service.engine.results import LossResult
+from dpo_service.engine.sessions.service import SessionService, prepare_session_request
 from dpo_service.errors import ErrorCode, ServiceError
 from dpo_service.models.bundle import ModelBundle
 from dpo_service.models.loader import builtin_config, load_bundle, resolve_device, resolve_dtype
@@ -36,6 +37,7 @@ class Admission:
         self.settings = settings
         self.engine = engine
         self._key = settings.api_key_value()
+        self.sessions = SessionService(self)  # issue 12: /v1/sessions, SessionService
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -55,6 +57,7 @@ class Admission:
         self.engine.halt()
         if self.settings.checkpoint_dir is None or self.engine.bundle is None:
             return True
+        sessions_ok = await self.sessions.checkpoint_all()  # issue 12
         try:
             info = await self.engine.checkpoint()
         except Exception as exc:
@@ -69,7 +72,7 @@ class Admission:
             )
             return False
         log.info("final checkpoint: model version %d at %s", info.version, info.path)
-        return True
+        return sessions_ok
 
     # ------------------------------------------------------------------ admin
     async def checkpoint(self) -> dict[str, Any]:
@@ -104,6 +107,19 @@ class Admission:
         ):
             raise ServiceError(ErrorCode.UNAUTHENTICATED, "missing or invalid API key")
 
+    def authorize_loss_call(self, presented: str | None) -> None:
+        """The check before a loss call's body is read (DPO_REQUIRE_KEY_FOR_LOSS): the admin
+        key, or some session's key (that request is then held to its own session when it is
+        prepared; a request without a session is checked against the admin key again)."""
+        if not self.sessions.holds_key(presented):
+            self.authorize(presented, privileged=False)
+
+    def _authorize_loss(self, request: LossRequest, api_key: str | None) -> None:
+        """The default model's keys; a session's request is authorised by its session key
+        when it is prepared (:func:`prepare_session_request`)."""
+        if request.session is None:
+            self.authorize(api_key, privileged=request.train)
+
     # ------------------------------------------------------------------ loss
     async def compute(
         self,
@@ -124,7 +140,7 @@ class Admission:
         deadline."""
         started = time.monotonic()
         if isinstance(request, LossRequest):
-            self.authorize(api_key, privileged=request.train)
+            self._authorize_loss(request, api_key)
         self.engine.check_accepting()
         batcher = self.engine._batcher  # the engine's queue: set once it accepts work
         assert batcher is not None
@@ -135,8 +151,14 @@ class Admission:
         with batcher.admitting():
             if not isinstance(request, LossRequest):
                 request = await off_loop(request)
-                self.authorize(api_key, privileged=request.train)
-            prepared = await off_loop(prepare, request, tokenizer, limits)
+                self._authorize_loss(request, api_key)
+            if request.session is not None or request.accumulate:  # issue 12: sessions
+                prepared = await off_loop(
+                    prepare_session_request, self.engine.sessions, request, api_key,
+                    tokenizer, limits,
+                )  # fmt: skip
+            else:
+                prepared = await off_loop(prepare, request, tokenizer, limits)
             if request.train:  # valid, but refused while a failed checkpoint pauses training
                 await self.engine.check_training()
         remaining = timeout - (time.monotonic() - started)

@@ -42,6 +42,8 @@ from dpo_service.engine.reference_lookup import (
     reference_logps,
 )
 from dpo_service.engine.results import EngineInfo, LossResult, result_from
+from dpo_service.engine.sessions.dispatch import run_with_sessions
+from dpo_service.engine.sessions.registry import SessionRegistry
 from dpo_service.engine.train_state import TrainState
 from dpo_service.engine.train_step import NonFiniteStepError, run_train_step
 from dpo_service.errors import ErrorCode, ServiceError
@@ -75,6 +77,7 @@ class Engine:
         self.checkpointer: Checkpointer | None = None
         self.durability = Durability(self.events, settings.checkpoint_retry_s)
         self.reference_lookup: ReferenceLookup | None = None  # the reference log-prob cache
+        self.sessions: SessionRegistry | None = None  # issue 12: LoRA sessions
 
     # ----------------------------------------------------------------- lifecycle
     def load(self) -> None:
@@ -88,6 +91,10 @@ class Engine:
         )
         self.bundle = bundle
         self.state = state
+        self.sessions = SessionRegistry(
+            self.settings, bundle, state.reference, lambda: self._bundle_factory().model
+        )
+        self.sessions.resume()  # the sessions checkpointed under DPO_CHECKPOINT_DIR
         self.events.on_loaded(state.version)
 
     async def start(self) -> None:
@@ -252,6 +259,15 @@ class Engine:
         timeout = self.settings.request_timeout_s if timeout_s is None else timeout_s
         return await self._batcher.submit(request, timeout)
 
+    async def on_worker(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn(*args)`` on the worker thread, after any running batch (sessions' admin
+        work: create, delete, step, export; issue 12)."""
+        try:
+            pending = asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        except RuntimeError as exc:  # executor shut down
+            raise ServiceError(ErrorCode.UNAVAILABLE, f"the engine is stopped: {exc}") from None
+        return await pending
+
     async def _on_worker(self, batch: list[Job]) -> list[LossResult | BaseException]:
         return await asyncio.get_running_loop().run_in_executor(
             self._executor, self._run_batch, batch
@@ -277,6 +293,12 @@ class Engine:
     def _run_claimed(self, batch: list[Job]) -> list[LossResult | BaseException]:
         assert self.state is not None
         self.events.on_batch(len(batch), sum(j.request.num_pairs for j in batch))
+        if self.sessions is not None and any(j.request.session is not None for j in batch):
+            return run_with_sessions(self.sessions, batch, self._run_default)
+        return self._run_default(batch)
+
+    def _run_default(self, batch: list[Job]) -> list[LossResult | BaseException]:
+        """Requests on the default (full-parameter) model."""
         if len(batch) == 1 and batch[0].request.train:
             return [self._train_one(batch[0].request)]
         try:

@@ -83,6 +83,10 @@ class PreparedRequest:
     composed: ComposedLossConfig | None = None
     # also answer each response's per-token log-probs and token ids
     return_token_logps: bool = False
+    # issue 12: the session this request runs on (None: the default model), and a train
+    # request that only accumulates its gradient in the session (applied by a later step)
+    session: str | None = None
+    accumulate: bool = False
 
     @property
     def num_pairs(self) -> int:

@@ -26,6 +26,13 @@ from dpo_service.api.grpc.convert_chat import (
     issue14_to_proto,
     options_from_dict,
 )
+from dpo_service.api.grpc.convert_sessions import (
+    SESSION_KEYS,
+    session_from_dict,
+    session_from_proto,
+    session_request_to_dict,
+    session_response_to_proto,
+)
 from dpo_service.api.grpc.gen import dpo_service_pb2 as pb
 from dpo_service.errors import GRPC_STATUS, ErrorCode, ServiceError, invalid
 
@@ -133,6 +140,7 @@ def request_to_dict(msg: pb.ComputeLossRequest) -> dict[str, Any]:
     if msg.train:
         body["train"] = True
     composed_to_dict(msg, body)
+    session_request_to_dict(msg, body)  # issue 12
     return body
 
 
@@ -166,6 +174,7 @@ def response_to_proto(data: Mapping[str, Any]) -> pb.ComputeLossResponse:
         if data.get(key) is not None:
             setattr(msg, key, data[key])
     issue14_to_proto(data, msg)
+    session_response_to_proto(data, msg)  # issue 12
     return msg
 
 
@@ -203,6 +212,7 @@ def request_from_dict(body: Mapping[str, Any]) -> pb.ComputeLossRequest:
     carry (unknown keys, a pair that is neither text nor tokens, an unknown loss name)."""
     known = {
         "pairs", "loss_type", "reference", "train", *_OPTIONAL_SCALARS, *ISSUE14_KEYS,
+        *SESSION_KEYS,
     }  # fmt: skip
     unknown = sorted(set(body) - known)
     if unknown:
@@ -212,6 +222,7 @@ def request_from_dict(body: Mapping[str, Any]) -> pb.ComputeLossRequest:
         if body.get(key) is not None:
             setattr(msg, key, body[key])
     options_from_dict(body, msg)
+    session_from_dict(body, msg)  # issue 12
     if isinstance(body.get("loss_type"), (list, tuple)):
         composed_from_dict(body, msg)
     elif body.get("loss_type") is not None:
@@ -272,6 +283,7 @@ def response_from_proto(msg: pb.ComputeLossResponse) -> dict[str, Any]:
         "new_model_version": msg.new_model_version if msg.HasField("new_model_version") else None,
         "request_id": msg.request_id if msg.HasField("request_id") else None,
         **issue14_from_proto(msg),
+        **session_from_proto(msg),  # issue 12
     }
 
 

@@ -34,6 +34,8 @@ from grpc_reflection.v1alpha import reflection
 
 from dpo_service.api.grpc.gen import dpo_service_pb2 as pb
 from dpo_service.api.grpc.servicer import SERVICE_NAME, DpoServicer, safe_deserializer
+from dpo_service.api.grpc.sessions import SERVICE_NAME as SESSION_SERVICE
+from dpo_service.api.grpc.sessions import session_handlers
 from dpo_service.engine.admission import Admission
 from dpo_service.settings import Settings
 
@@ -126,10 +128,13 @@ async def start_grpc_server(admission: Admission, settings: Settings) -> GrpcSer
     server = grpc.aio.server(options=server_options(settings))
     servicer = DpoServicer(admission)
     server.add_generic_rpc_handlers((_handlers(servicer, settings.grpc_max_message_bytes),))
+    server.add_generic_rpc_handlers(  # issue 12: dpo.v1.SessionService
+        (session_handlers(admission, settings.grpc_max_message_bytes),)
+    )
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        (SERVICE_NAME, SESSION_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME),
         server,
     )  # fmt: skip

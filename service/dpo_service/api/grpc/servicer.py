@@ -56,6 +56,7 @@ from dpo_service.api.grpc.gen import dpo_service_pb2 as pb
 from dpo_service.api.grpc.wire import check_wire_size
 from dpo_service.engine.admission import Admission
 from dpo_service.engine.results import LossResult
+from dpo_service.engine.sessions.service import session_fields
 from dpo_service.errors import ErrorCode, ServiceError
 from dpo_service.schemas import LossRequest
 
@@ -195,7 +196,8 @@ class DpoServicer:
         error = unusable(message)
         if error is not None:
             raise error
-        self.admission.authorize(api_key, privileged=message.train)
+        if not message.HasField("session"):  # a session's key is checked when prepared
+            self.admission.authorize(api_key, privileged=message.train)
         check_request_size(
             message,
             max_pairs=settings.max_pairs_per_request,
@@ -212,7 +214,7 @@ class DpoServicer:
             if remaining is not None:
                 call.deadline = time.monotonic() + remaining
             api_key = _api_key(context)
-            self.admission.authorize(api_key, privileged=False)  # DPO_REQUIRE_KEY_FOR_LOSS
+            self.admission.authorize_loss_call(api_key)  # DPO_REQUIRE_KEY_FOR_LOSS
             error = unusable(message)
             if error is not None:
                 raise error
@@ -229,7 +231,7 @@ class DpoServicer:
     ) -> pb.ComputeLossResponse:
         try:
             result = await self._compute(request, context)
-            return response_to_proto(result.as_dict())
+            return response_to_proto({**result.as_dict(), **session_fields(result)})
         except ServiceError as exc:
             error = exc
         except Exception:
@@ -247,7 +249,7 @@ class DpoServicer:
                 answer = pb.StreamComputeLossResponse(
                     sequence=sequence,
                     model_version=result.model_version,
-                    response=response_to_proto(result.as_dict()),
+                    response=response_to_proto({**result.as_dict(), **session_fields(result)}),
                 )
             except ServiceError as exc:
                 answer = self._error_answer(sequence, exc)

@@ -19,6 +19,7 @@ from dpo_service.api.http.errors import error_response, http_error_response
 from dpo_service.api.http.limits import BodyReader, KeyGate
 from dpo_service.api.http.middleware import RequestLog
 from dpo_service.api.http.routes import router
+from dpo_service.api.http.sessions import router as sessions_router
 from dpo_service.engine.admission import Admission, make_admission
 from dpo_service.engine.events import EngineEvents
 from dpo_service.errors import ServiceError, from_validation_errors
@@ -113,5 +114,6 @@ def create_app(settings: Settings | None = None, admission: Admission | None = N
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.include_router(router)
+    app.include_router(sessions_router)  # issue 12: /v1/sessions
     app.openapi = _documented_bodies(app)  # type: ignore[method-assign]
     return app

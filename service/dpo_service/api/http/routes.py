@@ -29,6 +29,7 @@ from dpo_service.api.common import (
 from dpo_service.api.http.errors import error_response
 from dpo_service.engine.admission import Admission
 from dpo_service.engine.results import LossResult
+from dpo_service.engine.sessions.service import session_fields
 from dpo_service.errors import ErrorCode, ServiceError
 from dpo_service.schemas import LossRequest, LossResponse, ModelInfo
 
@@ -36,6 +37,7 @@ T = TypeVar("T")
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"description": "Missing or invalid API key (training/admin calls)."},
+    404: {"description": "No such session (`session`; issue 12)."},
     408: {"description": "The request body did not arrive in time."},
     409: {"description": "Stale expected_version, or a request_id reused for another request."},
     413: {"description": "Request body too large."},
@@ -149,7 +151,7 @@ async def dpo_loss(
         return error_response(gone, current_request_id())
     if ctx is not None:
         ctx.adopt(result.request_id)
-    return LossResponse.model_validate(result.as_dict())
+    return LossResponse.model_validate({**result.as_dict(), **session_fields(result)})
 
 
 @router.post(

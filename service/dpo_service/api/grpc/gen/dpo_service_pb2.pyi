@@ -47,6 +47,13 @@ class ErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ERROR_CODE_CANCELLED: _ClassVar[ErrorCode]
     ERROR_CODE_NOT_FOUND: _ClassVar[ErrorCode]
     ERROR_CODE_INTERNAL: _ClassVar[ErrorCode]
+
+class SessionReference(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SESSION_REFERENCE_UNSPECIFIED: _ClassVar[SessionReference]
+    SESSION_REFERENCE_BASE: _ClassVar[SessionReference]
+    SESSION_REFERENCE_NONE: _ClassVar[SessionReference]
+    SESSION_REFERENCE_CLIENT: _ClassVar[SessionReference]
 LOSS_TYPE_UNSPECIFIED: LossType
 LOSS_TYPE_SIGMOID: LossType
 LOSS_TYPE_HINGE: LossType
@@ -76,6 +83,10 @@ ERROR_CODE_CONFLICT: ErrorCode
 ERROR_CODE_CANCELLED: ErrorCode
 ERROR_CODE_NOT_FOUND: ErrorCode
 ERROR_CODE_INTERNAL: ErrorCode
+SESSION_REFERENCE_UNSPECIFIED: SessionReference
+SESSION_REFERENCE_BASE: SessionReference
+SESSION_REFERENCE_NONE: SessionReference
+SESSION_REFERENCE_CLIENT: SessionReference
 
 class TextTriple(_message.Message):
     __slots__ = ("prompt", "chosen", "rejected")
@@ -144,7 +155,7 @@ class PreferencePair(_message.Message):
     def __init__(self, text: _Optional[_Union[TextTriple, _Mapping]] = ..., tokens: _Optional[_Union[TokenTriple, _Mapping]] = ..., conversation: _Optional[_Union[Conversation, _Mapping]] = ..., reference_chosen_logp: _Optional[float] = ..., reference_rejected_logp: _Optional[float] = ...) -> None: ...
 
 class ComputeLossRequest(_message.Message):
-    __slots__ = ("pairs", "beta", "loss_type", "label_smoothing", "simpo_gamma", "reference", "train", "request_id", "expected_version", "loss_terms", "loss_weights", "return_token_logps")
+    __slots__ = ("pairs", "beta", "loss_type", "label_smoothing", "simpo_gamma", "reference", "train", "request_id", "expected_version", "loss_terms", "loss_weights", "return_token_logps", "session", "accumulate")
     PAIRS_FIELD_NUMBER: _ClassVar[int]
     BETA_FIELD_NUMBER: _ClassVar[int]
     LOSS_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -157,6 +168,8 @@ class ComputeLossRequest(_message.Message):
     LOSS_TERMS_FIELD_NUMBER: _ClassVar[int]
     LOSS_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     RETURN_TOKEN_LOGPS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    ACCUMULATE_FIELD_NUMBER: _ClassVar[int]
     pairs: _containers.RepeatedCompositeFieldContainer[PreferencePair]
     beta: float
     loss_type: LossType
@@ -169,10 +182,12 @@ class ComputeLossRequest(_message.Message):
     loss_terms: _containers.RepeatedScalarFieldContainer[LossTerm]
     loss_weights: _containers.RepeatedScalarFieldContainer[float]
     return_token_logps: bool
-    def __init__(self, pairs: _Optional[_Iterable[_Union[PreferencePair, _Mapping]]] = ..., beta: _Optional[float] = ..., loss_type: _Optional[_Union[LossType, str]] = ..., label_smoothing: _Optional[float] = ..., simpo_gamma: _Optional[float] = ..., reference: _Optional[_Union[ReferenceMode, str]] = ..., train: _Optional[bool] = ..., request_id: _Optional[str] = ..., expected_version: _Optional[int] = ..., loss_terms: _Optional[_Iterable[_Union[LossTerm, str]]] = ..., loss_weights: _Optional[_Iterable[float]] = ..., return_token_logps: _Optional[bool] = ...) -> None: ...
+    session: str
+    accumulate: bool
+    def __init__(self, pairs: _Optional[_Iterable[_Union[PreferencePair, _Mapping]]] = ..., beta: _Optional[float] = ..., loss_type: _Optional[_Union[LossType, str]] = ..., label_smoothing: _Optional[float] = ..., simpo_gamma: _Optional[float] = ..., reference: _Optional[_Union[ReferenceMode, str]] = ..., train: _Optional[bool] = ..., request_id: _Optional[str] = ..., expected_version: _Optional[int] = ..., loss_terms: _Optional[_Iterable[_Union[LossTerm, str]]] = ..., loss_weights: _Optional[_Iterable[float]] = ..., return_token_logps: _Optional[bool] = ..., session: _Optional[str] = ..., accumulate: _Optional[bool] = ...) -> None: ...
 
 class ComputeLossResponse(_message.Message):
-    __slots__ = ("loss", "losses", "chosen_logps", "rejected_logps", "reference_chosen_logps", "reference_rejected_logps", "rewards_chosen", "rewards_rejected", "margins", "accuracy", "chosen_tokens", "rejected_tokens", "num_tokens", "metrics", "loss_type", "beta", "model_version", "trained", "grad_norm", "new_model_version", "request_id", "loss_terms", "loss_weights", "chosen_token_logps", "rejected_token_logps")
+    __slots__ = ("loss", "losses", "chosen_logps", "rejected_logps", "reference_chosen_logps", "reference_rejected_logps", "rewards_chosen", "rewards_rejected", "margins", "accuracy", "chosen_tokens", "rejected_tokens", "num_tokens", "metrics", "loss_type", "beta", "model_version", "trained", "grad_norm", "new_model_version", "request_id", "loss_terms", "loss_weights", "chosen_token_logps", "rejected_token_logps", "session", "accumulated_pairs")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -219,6 +234,8 @@ class ComputeLossResponse(_message.Message):
     LOSS_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     CHOSEN_TOKEN_LOGPS_FIELD_NUMBER: _ClassVar[int]
     REJECTED_TOKEN_LOGPS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    ACCUMULATED_PAIRS_FIELD_NUMBER: _ClassVar[int]
     loss: float
     losses: _containers.RepeatedScalarFieldContainer[float]
     chosen_logps: _containers.RepeatedScalarFieldContainer[float]
@@ -244,7 +261,9 @@ class ComputeLossResponse(_message.Message):
     loss_weights: _containers.ScalarMap[str, float]
     chosen_token_logps: _containers.RepeatedCompositeFieldContainer[TokenLogps]
     rejected_token_logps: _containers.RepeatedCompositeFieldContainer[TokenLogps]
-    def __init__(self, loss: _Optional[float] = ..., losses: _Optional[_Iterable[float]] = ..., chosen_logps: _Optional[_Iterable[float]] = ..., rejected_logps: _Optional[_Iterable[float]] = ..., reference_chosen_logps: _Optional[_Iterable[float]] = ..., reference_rejected_logps: _Optional[_Iterable[float]] = ..., rewards_chosen: _Optional[_Iterable[float]] = ..., rewards_rejected: _Optional[_Iterable[float]] = ..., margins: _Optional[_Iterable[float]] = ..., accuracy: _Optional[float] = ..., chosen_tokens: _Optional[_Iterable[int]] = ..., rejected_tokens: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., loss_type: _Optional[_Union[LossType, str]] = ..., beta: _Optional[float] = ..., model_version: _Optional[int] = ..., trained: _Optional[bool] = ..., grad_norm: _Optional[float] = ..., new_model_version: _Optional[int] = ..., request_id: _Optional[str] = ..., loss_terms: _Optional[_Mapping[str, float]] = ..., loss_weights: _Optional[_Mapping[str, float]] = ..., chosen_token_logps: _Optional[_Iterable[_Union[TokenLogps, _Mapping]]] = ..., rejected_token_logps: _Optional[_Iterable[_Union[TokenLogps, _Mapping]]] = ...) -> None: ...
+    session: str
+    accumulated_pairs: int
+    def __init__(self, loss: _Optional[float] = ..., losses: _Optional[_Iterable[float]] = ..., chosen_logps: _Optional[_Iterable[float]] = ..., rejected_logps: _Optional[_Iterable[float]] = ..., reference_chosen_logps: _Optional[_Iterable[float]] = ..., reference_rejected_logps: _Optional[_Iterable[float]] = ..., rewards_chosen: _Optional[_Iterable[float]] = ..., rewards_rejected: _Optional[_Iterable[float]] = ..., margins: _Optional[_Iterable[float]] = ..., accuracy: _Optional[float] = ..., chosen_tokens: _Optional[_Iterable[int]] = ..., rejected_tokens: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., loss_type: _Optional[_Union[LossType, str]] = ..., beta: _Optional[float] = ..., model_version: _Optional[int] = ..., trained: _Optional[bool] = ..., grad_norm: _Optional[float] = ..., new_model_version: _Optional[int] = ..., request_id: _Optional[str] = ..., loss_terms: _Optional[_Mapping[str, float]] = ..., loss_weights: _Optional[_Mapping[str, float]] = ..., chosen_token_logps: _Optional[_Iterable[_Union[TokenLogps, _Mapping]]] = ..., rejected_token_logps: _Optional[_Iterable[_Union[TokenLogps, _Mapping]]] = ..., session: _Optional[str] = ..., accumulated_pairs: _Optional[int] = ...) -> None: ...
 
 class TokenLogps(_message.Message):
     __slots__ = ("token_ids", "logps")
@@ -394,3 +413,163 @@ class CheckpointResponse(_message.Message):
     path: str
     weights_sha256: str
     def __init__(self, model_version: _Optional[int] = ..., path: _Optional[str] = ..., weights_sha256: _Optional[str] = ...) -> None: ...
+
+class SessionLora(_message.Message):
+    __slots__ = ("rank", "alpha", "dropout", "target_modules", "seed")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    DROPOUT_FIELD_NUMBER: _ClassVar[int]
+    TARGET_MODULES_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    alpha: float
+    dropout: float
+    target_modules: _containers.RepeatedScalarFieldContainer[str]
+    seed: int
+    def __init__(self, rank: _Optional[int] = ..., alpha: _Optional[float] = ..., dropout: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class SessionOptimizer(_message.Message):
+    __slots__ = ("lr", "beta1", "beta2", "weight_decay", "grad_clip")
+    LR_FIELD_NUMBER: _ClassVar[int]
+    BETA1_FIELD_NUMBER: _ClassVar[int]
+    BETA2_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
+    GRAD_CLIP_FIELD_NUMBER: _ClassVar[int]
+    lr: float
+    beta1: float
+    beta2: float
+    weight_decay: float
+    grad_clip: float
+    def __init__(self, lr: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., weight_decay: _Optional[float] = ..., grad_clip: _Optional[float] = ...) -> None: ...
+
+class SessionConfig(_message.Message):
+    __slots__ = ("lora", "optimizer", "beta", "loss_type", "reference")
+    LORA_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    BETA_FIELD_NUMBER: _ClassVar[int]
+    LOSS_TYPE_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    lora: SessionLora
+    optimizer: SessionOptimizer
+    beta: float
+    loss_type: LossType
+    reference: SessionReference
+    def __init__(self, lora: _Optional[_Union[SessionLora, _Mapping]] = ..., optimizer: _Optional[_Union[SessionOptimizer, _Mapping]] = ..., beta: _Optional[float] = ..., loss_type: _Optional[_Union[LossType, str]] = ..., reference: _Optional[_Union[SessionReference, str]] = ...) -> None: ...
+
+class SessionInfo(_message.Message):
+    __slots__ = ("id", "model_version", "steps", "trainable_parameters", "state_bytes", "last_loss", "accumulated_pairs", "accumulated_requests", "created", "last_used", "config")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    TRAINABLE_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    STATE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LAST_LOSS_FIELD_NUMBER: _ClassVar[int]
+    ACCUMULATED_PAIRS_FIELD_NUMBER: _ClassVar[int]
+    ACCUMULATED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    LAST_USED_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    model_version: int
+    steps: int
+    trainable_parameters: int
+    state_bytes: int
+    last_loss: float
+    accumulated_pairs: int
+    accumulated_requests: int
+    created: float
+    last_used: float
+    config: SessionConfig
+    def __init__(self, id: _Optional[str] = ..., model_version: _Optional[int] = ..., steps: _Optional[int] = ..., trainable_parameters: _Optional[int] = ..., state_bytes: _Optional[int] = ..., last_loss: _Optional[float] = ..., accumulated_pairs: _Optional[int] = ..., accumulated_requests: _Optional[int] = ..., created: _Optional[float] = ..., last_used: _Optional[float] = ..., config: _Optional[_Union[SessionConfig, _Mapping]] = ...) -> None: ...
+
+class CreateSessionRequest(_message.Message):
+    __slots__ = ("config",)
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    config: SessionConfig
+    def __init__(self, config: _Optional[_Union[SessionConfig, _Mapping]] = ...) -> None: ...
+
+class CreateSessionResponse(_message.Message):
+    __slots__ = ("session", "key")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    session: SessionInfo
+    key: str
+    def __init__(self, session: _Optional[_Union[SessionInfo, _Mapping]] = ..., key: _Optional[str] = ...) -> None: ...
+
+class ListSessionsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListSessionsResponse(_message.Message):
+    __slots__ = ("sessions", "max_sessions")
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    sessions: _containers.RepeatedCompositeFieldContainer[SessionInfo]
+    max_sessions: int
+    def __init__(self, sessions: _Optional[_Iterable[_Union[SessionInfo, _Mapping]]] = ..., max_sessions: _Optional[int] = ...) -> None: ...
+
+class GetSessionRequest(_message.Message):
+    __slots__ = ("session",)
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    session: str
+    def __init__(self, session: _Optional[str] = ...) -> None: ...
+
+class GetSessionResponse(_message.Message):
+    __slots__ = ("session",)
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    session: SessionInfo
+    def __init__(self, session: _Optional[_Union[SessionInfo, _Mapping]] = ...) -> None: ...
+
+class DeleteSessionRequest(_message.Message):
+    __slots__ = ("session",)
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    session: str
+    def __init__(self, session: _Optional[str] = ...) -> None: ...
+
+class DeleteSessionResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CheckpointSessionRequest(_message.Message):
+    __slots__ = ("session",)
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    session: str
+    def __init__(self, session: _Optional[str] = ...) -> None: ...
+
+class CheckpointSessionResponse(_message.Message):
+    __slots__ = ("session", "model_version", "path")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    session: str
+    model_version: int
+    path: str
+    def __init__(self, session: _Optional[str] = ..., model_version: _Optional[int] = ..., path: _Optional[str] = ...) -> None: ...
+
+class StepRequest(_message.Message):
+    __slots__ = ("session", "request_id")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    session: str
+    request_id: str
+    def __init__(self, session: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class StepResponse(_message.Message):
+    __slots__ = ("session", "new_model_version", "pairs", "requests", "grad_norm", "loss", "request_id", "replayed")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    NEW_MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PAIRS_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    session: str
+    new_model_version: int
+    pairs: int
+    requests: int
+    grad_norm: float
+    loss: float
+    request_id: str
+    replayed: bool
+    def __init__(self, session: _Optional[str] = ..., new_model_version: _Optional[int] = ..., pairs: _Optional[int] = ..., requests: _Optional[int] = ..., grad_norm: _Optional[float] = ..., loss: _Optional[float] = ..., request_id: _Optional[str] = ..., replayed: _Optional[bool] = ...) -> None: ...

@@ -238,3 +238,311 @@ class DpoService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class SessionServiceStub:
+    """Training sessions (issue 12): one LoRA adapter per remote trainer on one shared frozen
+    base model, each with its own optimizer, version, idempotency memory and key. Same
+    semantics as REST `/v1/sessions`. CreateSession and ListSessions need the admin key; the
+    other RPCs take the session's key (or the admin key). Unknown session: NOT_FOUND; wrong
+    key: UNAUTHENTICATED; DPO_MAX_SESSIONS reached: RESOURCE_EXHAUSTED.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.CreateSession = channel.unary_unary(
+                '/dpo.v1.SessionService/CreateSession',
+                request_serializer=dpo_dot_v1_dot_dpo__service__pb2.CreateSessionRequest.SerializeToString,
+                response_deserializer=dpo_dot_v1_dot_dpo__service__pb2.CreateSessionResponse.FromString,
+                _registered_method=True)
+        self.ListSessions = channel.unary_unary(
+                '/dpo.v1.SessionService/ListSessions',
+                request_serializer=dpo_dot_v1_dot_dpo__service__pb2.ListSessionsRequest.SerializeToString,
+                response_deserializer=dpo_dot_v1_dot_dpo__service__pb2.ListSessionsResponse.FromString,
+                _registered_method=True)
+        self.GetSession = channel.unary_unary(
+                '/dpo.v1.SessionService/GetSession',
+                request_serializer=dpo_dot_v1_dot_dpo__service__pb2.GetSessionRequest.SerializeToString,
+                response_deserializer=dpo_dot_v1_dot_dpo__service__pb2.GetSessionResponse.FromString,
+                _registered_method=True)
+        self.DeleteSession = channel.unary_unary(
+                '/dpo.v1.SessionService/DeleteSession',
+                request_serializer=dpo_dot_v1_dot_dpo__service__pb2.DeleteSessionRequest.SerializeToString,
+                response_deserializer=dpo_dot_v1_dot_dpo__service__pb2.DeleteSessionResponse.FromString,
+                _registered_method=True)
+        self.CheckpointSession = channel.unary_unary(
+                '/dpo.v1.SessionService/CheckpointSession',
+                request_serializer=dpo_dot_v1_dot_dpo__service__pb2.CheckpointSessionRequest.SerializeToString,
+                response_deserializer=dpo_dot_v1_dot_dpo__service__pb2.CheckpointSessionResponse.FromString,
+                _registered_method=True)
+        self.Step = channel.unary_unary(
+                '/dpo.v1.SessionService/Step',
+                request_serializer=dpo_dot_v1_dot_dpo__service__pb2.StepRequest.SerializeToString,
+                response_deserializer=dpo_dot_v1_dot_dpo__service__pb2.StepResponse.FromString,
+                _registered_method=True)
+
+
+class SessionServiceServicer:
+    """Training sessions (issue 12): one LoRA adapter per remote trainer on one shared frozen
+    base model, each with its own optimizer, version, idempotency memory and key. Same
+    semantics as REST `/v1/sessions`. CreateSession and ListSessions need the admin key; the
+    other RPCs take the session's key (or the admin key). Unknown session: NOT_FOUND; wrong
+    key: UNAUTHENTICATED; DPO_MAX_SESSIONS reached: RESOURCE_EXHAUSTED.
+    """
+
+    def CreateSession(self, request, context):
+        """Creates a session; its key is in this answer only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSessions(self, request, context):
+        """Lists the sessions.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSession(self, request, context):
+        """Describes one session.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteSession(self, request, context):
+        """Deletes a session and frees its adapter.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CheckpointSession(self, request, context):
+        """Writes the session's checkpoint now (NOT_FOUND without a checkpoint directory).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Step(self, request, context):
+        """One optimizer step over the gradient accumulated by `accumulate` requests.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_SessionServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'CreateSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateSession,
+                    request_deserializer=dpo_dot_v1_dot_dpo__service__pb2.CreateSessionRequest.FromString,
+                    response_serializer=dpo_dot_v1_dot_dpo__service__pb2.CreateSessionResponse.SerializeToString,
+            ),
+            'ListSessions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSessions,
+                    request_deserializer=dpo_dot_v1_dot_dpo__service__pb2.ListSessionsRequest.FromString,
+                    response_serializer=dpo_dot_v1_dot_dpo__service__pb2.ListSessionsResponse.SerializeToString,
+            ),
+            'GetSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSession,
+                    request_deserializer=dpo_dot_v1_dot_dpo__service__pb2.GetSessionRequest.FromString,
+                    response_serializer=dpo_dot_v1_dot_dpo__service__pb2.GetSessionResponse.SerializeToString,
+            ),
+            'DeleteSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteSession,
+                    request_deserializer=dpo_dot_v1_dot_dpo__service__pb2.DeleteSessionRequest.FromString,
+                    response_serializer=dpo_dot_v1_dot_dpo__service__pb2.DeleteSessionResponse.SerializeToString,
+            ),
+            'CheckpointSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckpointSession,
+                    request_deserializer=dpo_dot_v1_dot_dpo__service__pb2.CheckpointSessionRequest.FromString,
+                    response_serializer=dpo_dot_v1_dot_dpo__service__pb2.CheckpointSessionResponse.SerializeToString,
+            ),
+            'Step': grpc.unary_unary_rpc_method_handler(
+                    servicer.Step,
+                    request_deserializer=dpo_dot_v1_dot_dpo__service__pb2.StepRequest.FromString,
+                    response_serializer=dpo_dot_v1_dot_dpo__service__pb2.StepResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'dpo.v1.SessionService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('dpo.v1.SessionService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class SessionService:
+    """Training sessions (issue 12): one LoRA adapter per remote trainer on one shared frozen
+    base model, each with its own optimizer, version, idempotency memory and key. Same
+    semantics as REST `/v1/sessions`. CreateSession and ListSessions need the admin key; the
+    other RPCs take the session's key (or the admin key). Unknown session: NOT_FOUND; wrong
+    key: UNAUTHENTICATED; DPO_MAX_SESSIONS reached: RESOURCE_EXHAUSTED.
+    """
+
+    @staticmethod
+    def CreateSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dpo.v1.SessionService/CreateSession',
+            dpo_dot_v1_dot_dpo__service__pb2.CreateSessionRequest.SerializeToString,
+            dpo_dot_v1_dot_dpo__service__pb2.CreateSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSessions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dpo.v1.SessionService/ListSessions',
+            dpo_dot_v1_dot_dpo__service__pb2.ListSessionsRequest.SerializeToString,
+            dpo_dot_v1_dot_dpo__service__pb2.ListSessionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dpo.v1.SessionService/GetSession',
+            dpo_dot_v1_dot_dpo__service__pb2.GetSessionRequest.SerializeToString,
+            dpo_dot_v1_dot_dpo__service__pb2.GetSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dpo.v1.SessionService/DeleteSession',
+            dpo_dot_v1_dot_dpo__service__pb2.DeleteSessionRequest.SerializeToString,
+            dpo_dot_v1_dot_dpo__service__pb2.DeleteSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckpointSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dpo.v1.SessionService/CheckpointSession',
+            dpo_dot_v1_dot_dpo__service__pb2.CheckpointSessionRequest.SerializeToString,
+            dpo_dot_v1_dot_dpo__service__pb2.CheckpointSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Step(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dpo.v1.SessionService/Step',
+            dpo_dot_v1_dot_dpo__service__pb2.StepRequest.SerializeToString,
+            dpo_dot_v1_dot_dpo__service__pb2.StepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

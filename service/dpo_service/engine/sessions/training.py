@@ -1,0 +1,188 @@
+"""A session's work on the engine's worker thread: loss-only batches, train steps,
+gradient accumulation and the step over what was accumulated (issue 12).
+
+A plain train request on a session is the default model's step (:func:`run_train_step`) on the
+session's :class:`TrainState`, whose model is the adapter view and whose trainable tensors are
+the adapter's. ``accumulate`` runs the same forward/backward but, instead of stepping, adds
+``n ·`` (the request's mean-loss gradient) to the session's buffer; ``step`` divides the buffer
+by the total pairs, so k accumulated requests of n pairs apply the update of one request of
+k·n pairs (each loss is a mean of per-pair terms)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import uuid
+
+import torch
+
+from dpo_service.engine.forward import forward_logps
+from dpo_service.engine.losses import compute_loss, merge_parts, preference_inputs, rows_of
+from dpo_service.engine.preparation import PreparedRequest
+from dpo_service.engine.reference_lookup import reference_logps
+from dpo_service.engine.results import LossResult, result_from
+from dpo_service.engine.sessions.session import Session, StepOutcome
+from dpo_service.engine.train_step import (
+    NonFiniteStepError,
+    accumulate_gradients,
+    apply_update,
+    check_expected_version,
+    check_not_halted,
+    clip_and_check,
+    replayed,
+    run_train_step,
+)
+from dpo_service.errors import ErrorCode, ServiceError
+from dpo_service.settings import Settings
+from modern_llm.alignment.logprobs import SequenceLogps
+
+
+def session_losses(
+    session: Session, requests: list[PreparedRequest], settings: Settings
+) -> list[LossResult | BaseException]:
+    """Loss-only requests of one session in one inference pass; each gets its own rows."""
+    state = session.state
+    pairs = [p for r in requests for p in r.pairs]
+    with torch.inference_mode():
+        tokens = any(r.return_token_logps for r in requests)
+        policy = forward_logps(
+            session.view, pairs, settings, state.bundle, return_token_logps=tokens
+        )
+        reference = None
+        if any(r.reference == "frozen" for r in requests):
+            assert state.reference is not None
+            reference = reference_logps(state.reference, pairs, settings, state.bundle)
+    results: list[LossResult | BaseException] = []
+    start = 0
+    for request in requests:
+        rows = slice(start, start + request.num_pairs)
+        start = rows.stop
+        try:
+            results.append(_result(session, request, policy, reference, rows))
+        except ServiceError as exc:
+            results.append(exc)
+    return results
+
+
+def _result(
+    session: Session,
+    request: PreparedRequest,
+    policy: SequenceLogps,
+    reference: SequenceLogps | None,
+    rows: slice,
+) -> LossResult:
+    mine = rows_of(policy, rows)
+    ref = None if reference is None else rows_of(reference, rows)
+    inputs = preference_inputs(request, mine, ref, range(request.num_pairs))
+    out = compute_loss(request, inputs, mine)
+    return result_from(
+        request, inputs, out, session.version, request.request_id or uuid.uuid4().hex
+    )
+
+
+def session_train(session: Session, request: PreparedRequest, settings: Settings) -> LossResult:
+    """A train request of ``session``: one optimizer step, or an accumulation."""
+    if request.accumulate:
+        return accumulate(session, request, settings)
+    if session.accumulated.pairs:
+        raise ServiceError(
+            ErrorCode.CONFLICT,
+            f"session {session.id} holds the gradient of {session.accumulated.requests} "
+            "accumulated request(s): call step first (or accumulate this one too)",
+        )
+    result = run_train_step(session.state, request, settings)
+    if result.trained and result.new_model_version == session.version:
+        session.touch()
+    return result
+
+
+def accumulate(session: Session, request: PreparedRequest, settings: Settings) -> LossResult:
+    """Add ``request``'s gradient to the session's buffer; the version does not move.
+    Idempotent by ``request_id`` (a retry answers the first result and adds nothing)."""
+    state = session.state
+    remembered = replayed(state, request)
+    if remembered is not None:
+        return remembered
+    check_expected_version(state, request)
+    check_not_halted(state)
+    n = request.num_pairs
+    state.optimizer.zero_grad(set_to_none=True)
+    session.view.train()
+    try:
+        parts = accumulate_gradients(state, request, settings)
+        clip_and_check(state, parts, n, math.inf)  # no clipping: only the finiteness checks
+        buffer = session.accumulated
+        for name, p in session.params.items():
+            if p.grad is None:
+                continue
+            grad = p.grad.detach() * n  # the sum of the per-pair terms' gradients
+            if name in buffer.grads:
+                buffer.grads[name].add_(grad)
+            else:
+                buffer.grads[name] = grad.clone()
+    finally:
+        state.optimizer.zero_grad(set_to_none=True)
+        session.view.eval()
+    inputs, out = merge_parts(parts, n)
+    request_id = request.request_id or uuid.uuid4().hex
+    result = result_from(request, inputs, out, state.version, request_id)
+    buffer.pairs += n
+    buffer.requests += 1
+    buffer.loss_sum += result.loss * n
+    result = dataclasses.replace(
+        result, extra={"accumulated": True, "accumulated_pairs": buffer.pairs}
+    )
+    if request.request_id is not None:
+        state.completed.remember(request.request_id, result, request.digest)
+    session.touch()
+    return result
+
+
+def session_step(session: Session, request_id: str | None) -> StepOutcome:
+    """One optimizer step over everything accumulated since the last step."""
+    if request_id is not None and request_id in session.steps:
+        return dataclasses.replace(session.steps[request_id], replayed=True)
+    buffer, state = session.accumulated, session.state
+    if buffer.pairs == 0:
+        raise ServiceError(
+            ErrorCode.CONFLICT,
+            f"session {session.id} has nothing accumulated: send train requests with "
+            "accumulate=true first",
+        )
+    check_not_halted(state)
+    params = session.params
+    try:
+        for name, p in params.items():
+            grad = buffer.grads.get(name)
+            p.grad = None if grad is None else grad / buffer.pairs
+        clip = session.config.optimizer.grad_clip
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(list(params.values()), clip))
+        if not math.isfinite(grad_norm):
+            raise NonFiniteStepError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"non-finite accumulated gradient norm ({grad_norm}); step not applied, "
+                "the accumulated gradient is dropped",
+            )
+        apply_update(state)
+    except NonFiniteStepError:
+        buffer.clear()
+        raise
+    finally:
+        state.optimizer.zero_grad(set_to_none=True)
+    loss = buffer.loss_sum / buffer.pairs
+    state.version += 1
+    state.last_train_loss = loss
+    outcome = StepOutcome(
+        session=session.id,
+        new_model_version=state.version,
+        pairs=buffer.pairs,
+        requests=buffer.requests,
+        grad_norm=grad_norm,
+        loss=loss,
+        request_id=request_id,
+    )
+    buffer.clear()
+    if request_id is not None:
+        session.remember_step(request_id, outcome)
+    session.touch()
+    return outcome
