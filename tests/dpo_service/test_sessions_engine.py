@@ -4,6 +4,7 @@ of sessions, the base and the default model; the LoRA math; accumulation equals 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -200,3 +201,32 @@ def test_session_loss_with_base_reference_starts_at_zero_margin() -> None:
     assert result.reference_chosen_logps == result.chosen_logps  # adapter B = 0: policy = base
     assert all(m == 0.0 for m in result.margins)
     assert result.model_version == 0
+
+
+@pytest.mark.parametrize("keep_reference", [False, True])
+def test_a_sessions_base_reference_goes_through_the_reference_cache(
+    tmp_path: Path, keep_reference: bool
+) -> None:
+    """Issue 14 x 12: a session's ``base`` reference (the base with its adapter off) is served
+    from the reference log-prob cache: the second identical request is all hits and returns the
+    same reference log-probs. Without a kept frozen copy the sessions' own base is bound as an
+    ``adapter-off`` reference; with one, the base *is* that copy and shares its rows."""
+    engine = _engine(reference_cache=str(tmp_path / "ref.sqlite"), keep_reference=keep_reference)
+    reg = _registry(engine)
+    s, _ = reg.create(_config())
+    lookup = engine.reference_lookup if keep_reference else engine._session_base_lookup
+    assert lookup is not None and lookup.cache.enabled
+    assert ("adapter-off" in lookup.identity) is not keep_reference
+
+    def once() -> list[float]:
+        request = _request(engine, s.id, PAIRS, reference="frozen")
+        (result,) = session_losses(s, [request], reg.settings_of(s))
+        assert not isinstance(result, BaseException) and result.reference_chosen_logps
+        return result.reference_chosen_logps + (result.reference_rejected_logps or [])
+
+    cold = once()
+    hits_before = engine.events.registry.get_sample_value("dpo_reference_cache_hits_total")
+    warm = once()
+    hits_after = engine.events.registry.get_sample_value("dpo_reference_cache_hits_total")
+    assert warm == cold
+    assert hits_after - hits_before == 2 * len(PAIRS)  # chosen and rejected of every pair

@@ -77,6 +77,7 @@ class Engine:
         self.checkpointer: Checkpointer | None = None
         self.durability = Durability(self.events, settings.checkpoint_retry_s)
         self.reference_lookup: ReferenceLookup | None = None  # the reference log-prob cache
+        self._session_base_lookup: ReferenceLookup | None = None  # sessions' own base, if any
         self.sessions: SessionRegistry | None = None  # issue 12: LoRA sessions
 
     # ----------------------------------------------------------------- lifecycle
@@ -92,7 +93,11 @@ class Engine:
         self.bundle = bundle
         self.state = state
         self.sessions = SessionRegistry(
-            self.settings, bundle, state.reference, lambda: self._bundle_factory().model
+            self.settings,
+            bundle,
+            state.reference,
+            lambda: self._bundle_factory().model,
+            on_new_base=self._cache_session_base,
         )
         self.sessions.resume()  # the sessions checkpointed under DPO_CHECKPOINT_DIR
         self.events.on_loaded(state.version)
@@ -137,8 +142,9 @@ class Engine:
         self._executor.shutdown(wait=True)
         if self.checkpointer is not None:
             self.checkpointer.close()
-        if self.reference_lookup is not None:
-            self.reference_lookup.close()
+        for lookup in (self.reference_lookup, self._session_base_lookup):
+            if lookup is not None:
+                lookup.close()
 
     def pending(self) -> int:
         """Requests queued or running."""
@@ -181,6 +187,17 @@ class Engine:
             tokenizer=bundle.tokenizer.name,
             reference=state.reference is not None,
             **precision,
+        )
+
+    def _cache_session_base(self, base: torch.nn.Module) -> None:
+        """Bind the sessions' own frozen base (loaded when no frozen reference copy is kept)
+        to the reference log-prob cache: its adapter-off log-probs are a reference too."""
+        self._session_base_lookup = open_reference_lookup(
+            self.settings,
+            base,  # type: ignore[arg-type]  # the built-in or HF causal LM, frozen
+            self.require_bundle(),
+            self.events,
+            kind="adapter-off",
         )
 
     def require_bundle(self) -> ModelBundle:

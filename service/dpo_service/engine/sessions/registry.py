@@ -74,8 +74,12 @@ class SessionRegistry:
         bundle: ModelBundle,
         reference: Any,
         base_factory: Callable[[], nn.Module],
+        on_new_base: Callable[[nn.Module], None] | None = None,
     ) -> None:
         self.settings = settings
+        # called with a base loaded for the sessions (not the frozen reference copy): the
+        # engine binds it to the reference log-prob cache as an ``adapter-off`` reference
+        self._on_new_base = on_new_base
         self.bundle = bundle
         self._reference: nn.Module | None = reference  # the frozen reference copy, if any
         self._base_factory = base_factory
@@ -135,6 +139,8 @@ class SessionRegistry:
                 compute = compute_dtype_of(self.settings.dtype)
                 self.base = freeze(self._base_factory(), compute)
                 log.info("sessions: loaded a frozen copy of the initial weights as their base")
+                if self._on_new_base is not None:
+                    self._on_new_base(self.base)  # before any adapter: its digest is the base's
         return self.base
 
     @property
