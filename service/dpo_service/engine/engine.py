@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -33,15 +32,10 @@ from dpo_service.engine.batcher import Batcher, Job
 from dpo_service.engine.checkpointing import Checkpointer
 from dpo_service.engine.durability import Durability
 from dpo_service.engine.events import EngineEvents
-from dpo_service.engine.forward import forward_logps
-from dpo_service.engine.losses import compute_loss, preference_inputs, rows_of
+from dpo_service.engine.loss_batch import batch_losses
 from dpo_service.engine.preparation import Limits, PreparedRequest
-from dpo_service.engine.reference_lookup import (
-    ReferenceLookup,
-    open_reference_lookup,
-    reference_logps,
-)
-from dpo_service.engine.results import EngineInfo, LossResult, result_from
+from dpo_service.engine.reference_lookup import ReferenceLookup, open_reference_lookup
+from dpo_service.engine.results import EngineInfo, LossResult
 from dpo_service.engine.sessions.dispatch import run_with_sessions
 from dpo_service.engine.sessions.registry import SessionRegistry
 from dpo_service.engine.train_state import TrainState
@@ -50,7 +44,6 @@ from dpo_service.errors import ErrorCode, ServiceError
 from dpo_service.models.bundle import ModelBundle
 from dpo_service.settings import Settings
 from dpo_service.state.format import CheckpointInfo
-from modern_llm.alignment.logprobs import SequenceLogps
 
 log = logging.getLogger(__name__)
 _SHUTTING_DOWN = ServiceError(ErrorCode.UNAVAILABLE, "the service is shutting down")
@@ -319,7 +312,16 @@ class Engine:
         if len(batch) == 1 and batch[0].request.train:
             return [self._train_one(batch[0].request)]
         try:
-            return self._compute_losses(batch)
+            state = self.state
+            assert state is not None
+            return batch_losses(
+                state.bundle.causal_lm,
+                state.reference,
+                [j.request for j in batch],
+                self.settings,
+                state.bundle,
+                self.version,
+            )
         except ServiceError as exc:
             return [exc for _ in batch]
         except Exception as exc:
@@ -355,47 +357,3 @@ class Engine:
                 log.exception("checkpoint at version %d failed", self.state.version)
                 return self.durability.fail(self.state.version, self.checkpointer.last, exc)
         return response
-
-    def _compute_losses(self, batch: list[Job]) -> list[LossResult | BaseException]:
-        """One inference pass over a coalesced batch; each job gets its own rows back."""
-        assert self.state is not None
-        state = self.state
-        pairs = [p for j in batch for p in j.request.pairs]
-        with torch.inference_mode():
-            tokens = any(j.request.return_token_logps for j in batch)
-            policy = forward_logps(
-                state.bundle.causal_lm, pairs, self.settings, state.bundle,
-                return_token_logps=tokens,
-            )  # fmt: skip
-            reference = None
-            if any(j.request.reference == "frozen" for j in batch):
-                assert state.reference is not None, "prepare() admits frozen only with a copy"
-                reference = reference_logps(state.reference, pairs, self.settings, state.bundle)
-        results: list[LossResult | BaseException] = []
-        start = 0
-        for job in batch:
-            rows = slice(start, start + job.request.num_pairs)
-            start = rows.stop
-            try:
-                results.append(self._result_of_rows(job.request, policy, reference, rows))
-            except ServiceError as exc:
-                results.append(exc)
-        return results
-
-    def _result_of_rows(
-        self,
-        request: PreparedRequest,
-        policy: SequenceLogps,
-        reference: SequenceLogps | None,
-        rows: slice,
-    ) -> LossResult:
-        """Loss-only result for the ``rows`` of a coalesced batch that belong to ``request``."""
-        inputs = preference_inputs(
-            request,
-            rows_of(policy, rows),
-            None if reference is None else rows_of(reference, rows),
-            range(request.num_pairs),
-        )
-        request_id = request.request_id or uuid.uuid4().hex
-        out = compute_loss(request, inputs, rows_of(policy, rows))
-        return result_from(request, inputs, out, self.version, request_id)

@@ -16,10 +16,9 @@ import uuid
 
 import torch
 
-from dpo_service.engine.forward import forward_logps
-from dpo_service.engine.losses import compute_loss, merge_parts, preference_inputs, rows_of
+from dpo_service.engine.loss_batch import batch_losses
+from dpo_service.engine.losses import merge_parts
 from dpo_service.engine.preparation import PreparedRequest
-from dpo_service.engine.reference_lookup import reference_logps
 from dpo_service.engine.results import LossResult, result_from
 from dpo_service.engine.sessions.session import Session, StepOutcome
 from dpo_service.engine.train_step import (
@@ -34,49 +33,17 @@ from dpo_service.engine.train_step import (
 )
 from dpo_service.errors import ErrorCode, ServiceError
 from dpo_service.settings import Settings
-from modern_llm.alignment.logprobs import SequenceLogps
 
 
 def session_losses(
     session: Session, requests: list[PreparedRequest], settings: Settings
 ) -> list[LossResult | BaseException]:
-    """Loss-only requests of one session in one inference pass; each gets its own rows."""
+    """Loss-only requests of one session in one inference pass (the default model's
+    :func:`~dpo_service.engine.loss_batch.batch_losses` on the adapter view); the session's
+    reference is its base with the adapter off."""
     state = session.state
-    pairs = [p for r in requests for p in r.pairs]
-    with torch.inference_mode():
-        tokens = any(r.return_token_logps for r in requests)
-        policy = forward_logps(
-            session.view, pairs, settings, state.bundle, return_token_logps=tokens
-        )
-        reference = None
-        if any(r.reference == "frozen" for r in requests):
-            assert state.reference is not None
-            reference = reference_logps(state.reference, pairs, settings, state.bundle)
-    results: list[LossResult | BaseException] = []
-    start = 0
-    for request in requests:
-        rows = slice(start, start + request.num_pairs)
-        start = rows.stop
-        try:
-            results.append(_result(session, request, policy, reference, rows))
-        except ServiceError as exc:
-            results.append(exc)
-    return results
-
-
-def _result(
-    session: Session,
-    request: PreparedRequest,
-    policy: SequenceLogps,
-    reference: SequenceLogps | None,
-    rows: slice,
-) -> LossResult:
-    mine = rows_of(policy, rows)
-    ref = None if reference is None else rows_of(reference, rows)
-    inputs = preference_inputs(request, mine, ref, range(request.num_pairs))
-    out = compute_loss(request, inputs, mine)
-    return result_from(
-        request, inputs, out, session.version, request.request_id or uuid.uuid4().hex
+    return batch_losses(
+        session.view, state.reference, requests, settings, state.bundle, session.version
     )
 
 
