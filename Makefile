@@ -2,12 +2,13 @@
 # bench-precision (fp32 vs bf16 autocast), bench-hf (an hf: Llama vs the built-in model),
 # bench-reference (reference log-prob cache: cold vs warm epoch, lookup overhead),
 # bench-sessions (LoRA sessions vs full-parameter steps, memory per session, 1/4/16 sessions),
+# bench-distributed (the service under torchrun: world size 1 vs 2, DDP and FSDP2),
 # gpu-check (CUDA tests + precision bench on a GPU).
 PY := .venv/bin/python
 export PYTHONHASHSEED := 0
 
 .PHONY: dev proto proto-check buf-lint compose-check lint test test-fast check serve bench \
-	bench-precision bench-hf bench-reference bench-sessions gpu-check
+	bench-precision bench-hf bench-reference bench-sessions bench-distributed gpu-check
 
 dev:
 	bash scripts/setup.sh
@@ -54,6 +55,9 @@ bench-reference:
 
 bench-sessions:
 	$(PY) bench/sessions.py
+
+bench-distributed:
+	$(PY) bench/distributed.py
 
 gpu-check:
 	bash bench/gpu_check.sh

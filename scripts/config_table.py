@@ -22,7 +22,9 @@ def table() -> str:
         if hasattr(default, "value"):
             default = default.value
         shown = "—" if default is None else f"`{default}`"
-        rows.append(f"| `DPO_{name.upper()}` | {shown} | {field.description or ''} |")
+        env = field.validation_alias if isinstance(field.validation_alias, str) else None
+        env = env or f"DPO_{name.upper()}"
+        rows.append(f"| `{env}` | {shown} | {field.description or ''} |")
     return "\n".join(rows)
 
 

@@ -8,7 +8,6 @@ people change on the command line. Secrets (the API key) are never accepted as f
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import sys
@@ -29,6 +28,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-http", action="store_true", help="do not serve HTTP")
     serve.add_argument("--device", help="auto, cpu, cuda, cuda:N")
     serve.add_argument("--checkpoint-dir", help="checkpoint directory (resumed at start)")
+    serve.add_argument(
+        "--nproc-per-node",
+        type=int,
+        help="run N ranks on this host under torchrun (same as `torchrun --standalone "
+        '--nproc-per-node N -m dpo_service serve ...`; README "Past one device")',
+    )
     remote = sub.add_parser("train-remote", help="train a running service from a preference file")
     from dpo_service.client.remote_trainer import add_arguments
 
@@ -114,8 +119,39 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def torchrun_argv(argv: list[str], nproc: int) -> list[str]:
+    """``serve ... --nproc-per-node N`` as the torchrun command line that runs it."""
+    rest: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc-per-node":
+            skip = True
+        elif not arg.startswith("--nproc-per-node="):
+            rest.append(arg)
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "dpo_service",
+        *rest,
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "serve" and args.nproc_per_node is not None:
+        if args.nproc_per_node < 1:
+            print("dpo-service: --nproc-per-node must be at least 1", file=sys.stderr)
+            return 2
+        import os
+
+        command = torchrun_argv(sys.argv[1:] if argv is None else argv, args.nproc_per_node)
+        os.execv(command[0], command)  # torchrun starts the ranks; never returns
     if args.command == "train-remote":
         from dpo_service.client.remote_trainer import run
 
@@ -138,13 +174,13 @@ def main(argv: list[str] | None = None) -> int:
         return _precompute(args, settings)
     import torch
 
-    from dpo_service.server import serve
+    from dpo_service.server import run as serve_until_stopped
 
     # before any torch worker thread starts, so the whole thread pool inherits the flag
     torch.set_flush_denormal(settings.flush_denormal)
 
     try:
-        return asyncio.run(serve(settings))  # 3 when the final checkpoint failed
+        return serve_until_stopped(settings)  # 3: final checkpoint failed; 4: a rank failed
     except (FileNotFoundError, ValueError) as exc:
         logging.getLogger("dpo_service").error("start-up failed: %s", exc)
         return 1

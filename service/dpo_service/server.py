@@ -24,13 +24,24 @@ import uvicorn
 from dpo_service.api.http.app import create_app
 from dpo_service.api.http.errors import code_for_status
 from dpo_service.api.http.protocol import ConnectionLimits, guarded_protocol
-from dpo_service.engine.admission import Admission, make_admission
+from dpo_service.engine.admission import Admission, bundle_factory, make_admission
+from dpo_service.engine.distributed.follower import EXIT_WORLD_FAILED, Follower
+from dpo_service.engine.distributed.wire import heartbeat
+from dpo_service.engine.distributed.world import (
+    World,
+    WorldFailure,
+    close_world,
+    current,
+    init_world,
+)
 from dpo_service.settings import Settings
 
 log = logging.getLogger(__name__)
 
 #: Exit status when the final checkpoint failed: acknowledged steps are not durable.
 EXIT_NOT_DURABLE = 3
+# EXIT_WORLD_FAILED (4): a rank of the torchrun world failed (issue 13; the same on every rank)
+__all__ = ["EXIT_NOT_DURABLE", "EXIT_WORLD_FAILED", "RunningServer", "run", "serve", "start"]
 
 
 class _Uvicorn(uvicorn.Server):
@@ -153,17 +164,65 @@ async def _close_listeners(running: RunningServer) -> None:
 async def serve(settings: Settings) -> int:
     """Run until SIGTERM/SIGINT, then drain and exit (a signal during loading is honoured
     once the model has loaded: the server then shuts down at once). Returns the exit status:
-    0, or :data:`EXIT_NOT_DURABLE` when the final checkpoint failed."""
+    0, :data:`EXIT_NOT_DURABLE` when the final checkpoint failed, or
+    :data:`EXIT_WORLD_FAILED` when a torchrun rank failed (rank 0 then writes no final
+    checkpoint: a step may have stopped half-way; the last periodic one is what resumes)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    running = await start(settings)
-    waiters = [asyncio.create_task(stop.wait())]
+    admission = make_admission(settings)
+    world = current()
+    if world is not None:  # a failed rank: not ready at once, then drain and exit 4
+
+        def broken(reason: str) -> None:
+            admission.engine.ready = False
+            loop.call_soon_threadsafe(stop.set)
+
+        world.on_broken = broken
+    running = await start(settings, admission)
+    waiters: list[asyncio.Task[Any]] = [asyncio.create_task(stop.wait())]
+    if world is not None:
+        beat = asyncio.create_task(_heartbeat(admission, world, settings.dist_heartbeat_s))
+        waiters.append(beat)
     if running.http_task is not None:
         waiters.append(running.http_task)  # type: ignore[arg-type]
     await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     log.info("shutting down: draining in-flight requests")
     durable = await running.shutdown()
     log.info("stopped at model version %d", running.admission.engine.version)
+    if world is not None and world.broken is not None:
+        return EXIT_WORLD_FAILED
     return 0 if durable else EXIT_NOT_DURABLE
+
+
+async def _heartbeat(admission: Admission, world: World, every_s: float) -> None:
+    """Rank 0: every ``every_s`` an all-rank agreement on the worker thread (between
+    batches); returns when it fails (the world is broken: ``on_broken`` stops the server)."""
+    engine = admission.engine
+    while not engine.draining:
+        await asyncio.sleep(every_s)
+        if engine.draining:
+            return
+        try:
+            await engine.on_worker(heartbeat, world)
+        except Exception:
+            log.error("heartbeat failed: a rank is gone")
+            return
+
+
+def run(settings: Settings) -> int:
+    """``dpo-service serve``: join the torchrun world when there is one (rank 0 serves, the
+    other ranks follow it), run until shutdown, return the exit status."""
+    world = init_world(settings)
+    try:
+        if world is not None and not world.is_leader:
+            follower = Follower(settings, world, bundle_factory(settings))
+            follower.load()
+            return follower.run()
+        return asyncio.run(serve(settings))  # 3 when the final checkpoint failed
+    except WorldFailure as exc:
+        log.error("start-up failed: %s", exc.reason)
+        return EXIT_WORLD_FAILED
+    finally:
+        close_world()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from enum import Enum
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -104,6 +105,7 @@ class Settings(BaseSettings):
         env_prefix="DPO_",
         extra="ignore",
         validate_default=True,
+        populate_by_name=True,  # WORLD_SIZE etc. (torchrun's names) also as world_size=...
         hide_input_in_errors=True,  # a refused DPO_API_KEY must never be echoed in the error
     )
 
@@ -314,6 +316,44 @@ class Settings(BaseSettings):
         ge=0,
         description="Training sessions (LoRA adapters) held at once; creating one more is "
         "refused (429 / RESOURCE_EXHAUSTED). 0 disables sessions.",
+    )
+
+    # --- past one device: torchrun worlds (issue 13; README "Past one device") -------------
+    parallel: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto",
+        description="Under torchrun: `ddp` (every rank holds the whole policy), `fsdp` "
+        "(FSDP2 shards the policy, its gradients and AdamW moments), or `auto`: ddp when "
+        "16 bytes per trainable parameter plus the frozen reference fit in 80% of one "
+        "device, else fsdp.",
+    )
+    dist_backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto",
+        description="torch.distributed backend under torchrun (auto: nccl on CUDA, gloo on CPU).",
+    )
+    dist_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="A collective between ranks that takes longer fails the world (the "
+        "service goes not-ready and exits 4).",
+    )
+    dist_heartbeat_s: float = Field(
+        2.0,
+        gt=0,
+        description="Under torchrun, rank 0 checks every rank is alive this often when idle "
+        "(a dead rank makes the service not-ready and exit 4).",
+    )
+    world_size: int = Field(
+        1, ge=1, validation_alias="WORLD_SIZE", description="Set by torchrun (`WORLD_SIZE`)."
+    )
+    rank: int = Field(0, ge=0, validation_alias="RANK", description="Set by torchrun (`RANK`).")
+    local_rank: int = Field(
+        0, ge=0, validation_alias="LOCAL_RANK", description="Set by torchrun (`LOCAL_RANK`)."
+    )
+    local_world_size: int = Field(
+        1,
+        ge=1,
+        validation_alias="LOCAL_WORLD_SIZE",
+        description="Set by torchrun (`LOCAL_WORLD_SIZE`).",
     )
 
     log_level: str = Field("info", description="Log level.")

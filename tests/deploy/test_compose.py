@@ -16,18 +16,18 @@ ROOT = Path(__file__).resolve().parents[2]
 CHECKPOINT_DIR = "/data/checkpoints"
 
 
-def _compose_config() -> dict[str, Any]:
+def _compose_config(profiles: tuple[str, ...] = ("gpu",), **variables: str) -> dict[str, Any]:
     if shutil.which("docker") is None:
         pytest.skip("the docker CLI is not installed (compose.yaml is checked with it)")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DPO_", "COMPOSE_"))}
+    env.update(variables)
     done = subprocess.run(
         [
             "docker",
             "compose",
             "-f",
             "compose.yaml",
-            "--profile",
-            "gpu",
+            *(arg for profile in profiles for arg in ("--profile", profile)),
             "config",
             "--format",
             "json",
@@ -62,6 +62,62 @@ def test_each_service_has_its_own_checkpoint_volume() -> None:
     assert sources["dpo"] != sources["dpo-gpu"], sources
     names = {config["volumes"][source]["name"] for source in sources.values()}
     assert len(names) == 2, names
+
+
+def test_multi_gpu_profile_runs_torchrun_on_every_gpu() -> None:
+    """`--profile multi-gpu`: the CUDA image under torchrun, one rank per GPU (DPO_NPROC,
+    default 2), every GPU reserved, shared memory for NCCL, the gpu service's healthcheck,
+    secret and restart policy."""
+    config = _compose_config(("gpu", "multi-gpu"))
+    services = config["services"]
+    multi, gpu = services["dpo-multi-gpu"], services["dpo-gpu"]
+    assert multi["profiles"] == ["multi-gpu"]
+    assert multi["image"] == gpu["image"]
+    assert multi["build"]["args"] == gpu["build"]["args"]
+    launch = [*multi["entrypoint"], *multi["command"]]
+    assert launch[0] == "torchrun", launch
+    assert launch[launch.index("--nproc-per-node") + 1] == "2", launch
+    assert launch[-3:] == ["-m", "dpo_service", "serve"], launch
+    assert "--standalone" in launch
+    # the shutdown torchrun allows each rank outlasts the service's own drain
+    drain = float(multi["environment"]["DPO_DRAIN_TIMEOUT_S"])
+    assert int(launch[launch.index("--shutdown-timeout") + 1]) > drain
+    devices = multi["deploy"]["resources"]["reservations"]["devices"]
+    assert len(devices) == 1 and devices[0]["driver"] == "nvidia", devices
+    assert devices[0]["count"] == -1, devices  # `count: all`
+    assert "gpu" in devices[0]["capabilities"]
+    assert multi.get("ipc") == "host" or int(multi["shm_size"]) >= 1 << 30, multi.get("shm_size")
+    assert multi["environment"]["DPO_DEVICE"] == "cuda"
+    assert multi["environment"]["DPO_PARALLEL"] == "auto"
+    for key in ("healthcheck", "restart", "secrets"):
+        assert multi[key] == gpu[key], key
+    assert multi["environment"]["DPO_API_KEY_FILE"] == gpu["environment"]["DPO_API_KEY_FILE"]
+    ports = {(p["target"], p["published"]) for p in multi["ports"]}
+    taken = {p["published"] for name in ("dpo", "dpo-gpu") for p in services[name]["ports"]}
+    assert {target for target, _ in ports} == {8000, 50051}
+    assert not {published for _, published in ports} & taken, (ports, taken)
+
+
+def test_multi_gpu_rank_count_and_mode_come_from_the_environment() -> None:
+    config = _compose_config(("multi-gpu",), DPO_NPROC="8", DPO_PARALLEL="fsdp")
+    multi = config["services"]["dpo-multi-gpu"]
+    launch = multi["entrypoint"]
+    assert launch[launch.index("--nproc-per-node") + 1] == "8", launch
+    assert multi["environment"]["DPO_PARALLEL"] == "fsdp"
+
+
+def test_every_profile_has_its_own_checkpoint_volume() -> None:
+    config = _compose_config(("gpu", "multi-gpu"))
+    services = config["services"]
+    sources = {}
+    for name in ("dpo", "dpo-gpu", "dpo-multi-gpu"):
+        service = services[name]
+        assert service["environment"]["DPO_CHECKPOINT_DIR"] == CHECKPOINT_DIR
+        mounts = [m for m in service.get("volumes", []) if m["target"] == CHECKPOINT_DIR]
+        assert len(mounts) == 1 and mounts[0]["type"] == "volume", service.get("volumes")
+        sources[name] = mounts[0]["source"]
+    names = {config["volumes"][source]["name"] for source in sources.values()}
+    assert len(names) == 3, sources
 
 
 def _instructions(text: str) -> list[tuple[str, str]]:

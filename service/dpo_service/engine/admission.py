@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from dpo_service.engine.distributed.world import current
 from dpo_service.engine.engine import Engine
 from dpo_service.engine.preparation import off_loop, prepare
 from dpo_service.engine.results import LossResult
@@ -57,6 +58,14 @@ class Admission:
         self.engine.halt()
         if self.settings.checkpoint_dir is None or self.engine.bundle is None:
             return True
+        world = current()
+        if world is not None and world.broken is not None:  # issue 13
+            log.error(
+                "a rank failed: no final checkpoint (a step may have stopped half-way); model "
+                "version %d resumes from the last periodic checkpoint",
+                self.engine.version,
+            )
+            return False
         sessions_ok = await self.sessions.checkpoint_all()  # issue 12
         try:
             info = await self.engine.checkpoint()
@@ -169,13 +178,14 @@ class Admission:
         return await batcher.submit(prepared, remaining)
 
 
-def make_engine(settings: Settings) -> Engine:
-    """An engine that loads the model ``settings`` name (lazily, on ``start``)."""
+def bundle_factory(settings: Settings) -> Callable[[], ModelBundle]:
+    """What loads the model ``settings`` name (under torchrun: on this rank's device)."""
 
     def factory() -> ModelBundle:
+        world = current()
         return load_bundle(
             settings.model,
-            device=resolve_device(settings.device),
+            device=world.device if world is not None else resolve_device(settings.device),
             dtype=resolve_dtype(settings.dtype),
             builtin=builtin_config(
                 d_model=settings.builtin_d_model,
@@ -187,7 +197,12 @@ def make_engine(settings: Settings) -> Engine:
             ),
         )
 
-    return Engine(settings, factory)
+    return factory
+
+
+def make_engine(settings: Settings) -> Engine:
+    """An engine that loads the model ``settings`` name (lazily, on ``start``)."""
+    return Engine(settings, bundle_factory(settings))
 
 
 def make_admission(settings: Settings) -> Admission:

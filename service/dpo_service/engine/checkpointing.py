@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from dpo_service.engine.distributed.parallel import checkpoint_state
 from dpo_service.engine.events import EngineEvents
 from dpo_service.engine.results import LossResult
 from dpo_service.engine.train_state import (
@@ -70,10 +71,11 @@ def snapshot_state(state: TrainState) -> Snapshot:
     """What a checkpoint of ``state`` holds (tensors are the live ones: save before the next
     step touches them, i.e. on the worker thread). The idempotency record is not in it."""
     bundle = state.bundle
+    weights, optimizer = checkpoint_state(state)  # gathered on rank 0 under FSDP2 (issue 13)
     return Snapshot(
         version=state.version,
-        weights=bundle.model.state_dict(),
-        optimizer=state.optimizer.state_dict(),
+        weights=weights,
+        optimizer=optimizer,
         model_config=model_identity(bundle),
         tokenizer=tokenizer_identity(bundle.tokenizer),
         extra={
@@ -278,7 +280,7 @@ class Checkpointer:
     @staticmethod
     def live(state: TrainState) -> dict[str, Any]:
         """The live model's version and weights digest (compare with a checkpoint's)."""
-        weights = state.bundle.model.state_dict()
+        weights, _ = checkpoint_state(state)
         return {"version": state.version, "weights_sha256": weights_digest(weights)}
 
     def close(self) -> None:

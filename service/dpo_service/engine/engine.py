@@ -20,6 +20,8 @@ order); all model work runs on one worker thread, so concurrent requests never r
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -30,6 +32,9 @@ import torch
 
 from dpo_service.engine.batcher import Batcher, Job
 from dpo_service.engine.checkpointing import Checkpointer
+from dpo_service.engine.distributed.parallel import parallelize, shutdown_followers
+from dpo_service.engine.distributed.sessions import announce_base, announce_delete, announce_sync
+from dpo_service.engine.distributed.world import current
 from dpo_service.engine.durability import Durability
 from dpo_service.engine.events import EngineEvents
 from dpo_service.engine.loss_batch import batch_losses
@@ -80,6 +85,9 @@ class Engine:
         state = TrainState.create(bundle, self.settings)  # the frozen reference: initial weights
         if self.settings.checkpoint_dir is not None:  # resume the newest valid checkpoint
             self.checkpointer = Checkpointer.open(self.settings, state, self.events)
+        world = current()
+        if world is not None:  # under torchrun: every rank takes this state (issue 13)
+            parallelize(world, state, self.settings)
         self.reference_lookup = open_reference_lookup(
             self.settings, state.reference, bundle, self.events
         )
@@ -92,6 +100,9 @@ class Engine:
             lambda: self._bundle_factory().model,
             on_new_base=self._cache_session_base,
         )
+        if world is not None:
+            self.sessions.on_sync = functools.partial(announce_sync, world)
+            self.sessions.on_delete = functools.partial(announce_delete, world)
         self.sessions.resume()  # the sessions checkpointed under DPO_CHECKPOINT_DIR
         self.events.on_loaded(state.version)
 
@@ -132,6 +143,8 @@ class Engine:
         await self.durability.stop()
         if self._batcher is not None:
             await self._batcher.stop(_SHUTTING_DOWN)
+        with contextlib.suppress(Exception):  # the other ranks leave (issue 13)
+            await asyncio.get_running_loop().run_in_executor(self._executor, shutdown_followers)
         self._executor.shutdown(wait=True)
         if self.checkpointer is not None:
             self.checkpointer.close()
@@ -185,6 +198,9 @@ class Engine:
     def _cache_session_base(self, base: torch.nn.Module) -> None:
         """Bind the sessions' own frozen base (loaded when no frozen reference copy is kept)
         to the reference log-prob cache: its adapter-off log-probs are a reference too."""
+        world = current()
+        if world is not None:
+            announce_base(world, base)  # every rank builds it, with rank 0's weights
         self._session_base_lookup = open_reference_lookup(
             self.settings,
             base,  # type: ignore[arg-type]  # the built-in or HF causal LM, frozen
@@ -252,7 +268,10 @@ class Engine:
 
     # ----------------------------------------------------------------- submission
     def check_accepting(self) -> None:
-        """Raise UNAVAILABLE while loading or draining."""
+        """Raise UNAVAILABLE while loading or draining, or when a rank failed."""
+        world = current()
+        if world is not None:
+            world.check()
         if self.draining:
             raise ServiceError(ErrorCode.UNAVAILABLE, "the service is draining", retry_after_s=1.0)
         if not self.ready or self._batcher is None:

@@ -12,6 +12,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from dpo_service.engine.distributed import wire
+from dpo_service.engine.distributed.parallel import WrappedLM
+from dpo_service.engine.distributed.sharded import gather_logps, share_of
+from dpo_service.engine.distributed.world import World, current
 from dpo_service.engine.precision import autocast, compute_dtype_of
 from dpo_service.models.bundle import ModelBundle
 from dpo_service.settings import LogpStrategyName, Settings
@@ -113,6 +117,12 @@ def forward_logps(
     compute dtype ``DPO_DTYPE`` (autocast; the sums are float32). Call it under
     ``inference_mode``: it is the loss-only and reference path. ``return_token_logps``: also
     every response's per-token log-probs (``SequenceLogps.chosen_token_logps``)."""
+    world = current()
+    if world is not None:  # under torchrun: every rank computes its share (issue 13)
+        wire.send(world, forward_command(world, model, pairs, return_token_logps))
+        out = sharded_forward_logps(world, model, pairs, settings, bundle, return_token_logps)
+        assert out is not None  # rank 0
+        return out
     device = model.lm_head_weight.device
     overhead = GROUP_OVERHEAD_TOKENS.get(device.type, GROUP_OVERHEAD_TOKENS["cuda"])
     strategy = strategy_for(settings, bundle)
@@ -131,3 +141,70 @@ def forward_logps(
             )
         parts.append((group, logps))
     return _concat(parts, len(pairs))
+
+
+def forward_command(
+    world: World, model: CausalLM, pairs: Sequence[PairTokens], tokens: bool
+) -> wire.Command:
+    """Rank 0's :data:`~wire.Op.FORWARD`: which model, the pairs, the token flag."""
+    return wire.Command(
+        wire.Op.FORWARD,
+        ints=[int(tokens)],
+        text=world.key_of(model),
+        tensors=wire.encode_pairs(pairs),
+    )
+
+
+def sharded_forward_logps(
+    world: World,
+    model: CausalLM,
+    pairs: Sequence[PairTokens],
+    settings: Settings,
+    bundle: ModelBundle,
+    tokens: bool,
+) -> SequenceLogps | None:
+    """Every rank: :func:`forward_logps` with each micro-batch split across the ranks by pairs
+    (:mod:`dpo_service.engine.distributed.sharded`); the result on rank 0, None elsewhere.
+    Under FSDP2 the policy runs through its sharded root (its layers gather their weights)."""
+    with world.guard("forward"):
+        return _sharded_forward(world, model, pairs, settings, bundle, tokens)
+
+
+def _sharded_forward(
+    world: World,
+    model: CausalLM,
+    pairs: Sequence[PairTokens],
+    settings: Settings,
+    bundle: ModelBundle,
+    tokens: bool,
+) -> SequenceLogps | None:
+    view = world.train_view(model) if world.parallel == "fsdp" else model
+    device = model.lm_head_weight.device
+    overhead = GROUP_OVERHEAD_TOKENS.get(device.type, GROUP_OVERHEAD_TOKENS["cuda"])
+    strategy = strategy_for(settings, bundle)
+    # FSDP2 gathers weights into buffers it reuses in training: never inference tensors
+    sharded = view is not model
+    parts = []
+    for group in micro_batches(pairs, settings.max_batch_tokens, overhead=overhead):
+        mine, stand_in = share_of(group, world.rank, world.size)
+        with (
+            torch.inference_mode(not sharded and torch.is_inference_mode_enabled()),
+            torch.no_grad(),
+            autocast(device, compute_dtype_of(settings.dtype)),
+        ):
+            if isinstance(view, WrappedLM):
+                view.gather_root()
+            local = pair_logps(
+                view,
+                [pairs[i] for i in mine],
+                strategy=strategy,
+                chunk_size=settings.logp_chunk_size,
+                pad_id=bundle.tokenizer.pad_id,
+                head=settings.logp_head,
+                memory_budget_bytes=settings.memory_budget_bytes,
+                return_token_logps=tokens,
+            )
+        full = gather_logps(world, local, group, pairs, tokens=tokens, stand_in=stand_in)
+        if full is not None:
+            parts.append((group, full))
+    return _concat(parts, len(pairs)) if world.is_leader else None

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 
 def _stepped(optimizer: torch.optim.Optimizer) -> list[Tensor]:
@@ -43,6 +44,8 @@ def all_finite(tensors: list[Tensor]) -> bool:
     squares) and one sync per device (AdamW keeps its step counters on the CPU)."""
     by_device: dict[torch.device, list[Tensor]] = {}
     for t in tensors:
+        if isinstance(t, DTensor):  # FSDP2: this rank checks its shard (then all agree)
+            t = t.to_local()
         if t.numel() > 0:
             by_device.setdefault(t.device, []).append(t)
     for group in by_device.values():

@@ -26,6 +26,10 @@ import uuid
 
 import torch
 
+from dpo_service.engine.distributed import wire
+from dpo_service.engine.distributed.parallel import clip_grad_norm
+from dpo_service.engine.distributed.train import sharded_gradients, train_command
+from dpo_service.engine.distributed.world import World, agree, current
 from dpo_service.engine.forward import micro_batches, strategy_for
 from dpo_service.engine.losses import (
     Part,
@@ -103,6 +107,9 @@ def accumulate_gradients(
     state: TrainState, request: PreparedRequest, settings: Settings
 ) -> list[Part]:
     """Forward, loss and backward of every micro-batch; returns the detached parts."""
+    world = current()
+    if world is not None:  # under torchrun: data-parallel over the ranks (issue 13)
+        return _sharded_accumulate(world, state, request, settings)
     n = request.num_pairs
     parts: list[Part] = []
     for group in micro_batches(request.pairs, settings.max_batch_tokens):
@@ -127,10 +134,57 @@ def accumulate_gradients(
     return parts
 
 
+def _sharded_accumulate(
+    world: World, state: TrainState, request: PreparedRequest, settings: Settings
+) -> list[Part]:
+    """Rank 0: the reference of the whole request first (a sharded pass, through the cache),
+    then the train command and the sharded gradients, the loss on rank 0
+    (:mod:`dpo_service.engine.distributed.train`)."""
+    n = request.num_pairs
+    ref = (
+        _reference_logps(state, request.pairs, settings) if request.reference == "frozen" else None
+    )
+    wire.send(
+        world,
+        train_command(
+            world,
+            state,
+            request.pairs,
+            tokens=request.return_token_logps,
+            accumulate=request.accumulate,
+        ),
+    )
+    parts: list[Part] = []
+
+    def loss_of(group: list[int], logps: SequenceLogps) -> torch.Tensor:
+        mine = None if ref is None else _rows(ref, group)
+        inputs = preference_inputs(request, logps, mine, group)  # float32 log-probs
+        out = compute_loss(request, inputs, logps)
+        parts.append((group, detached(inputs), out))
+        return out.losses.sum() / n
+
+    refused = sharded_gradients(
+        world, state, request.pairs, settings, tokens=request.return_token_logps, loss_of=loss_of
+    )
+    if refused is not None:
+        raise refused
+    return parts
+
+
+def _rows(logps: SequenceLogps, idx: list[int]) -> SequenceLogps:
+    index = torch.tensor(idx, device=logps.chosen.device)
+    return SequenceLogps(
+        logps.chosen[index],
+        logps.rejected[index],
+        logps.chosen_tokens[index],
+        logps.rejected_tokens[index],
+    )
+
+
 def clip_and_check(state: TrainState, parts: list[Part], n: int, max_norm: float) -> float:
     """Clip the accumulated (unscaled) gradient; returns its norm before clipping. Raises
     :class:`NonFiniteStepError` when the loss, a statistic or the norm is not finite."""
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(state.trainable(), max_norm))
+    grad_norm = clip_grad_norm(current(), state.trainable(), max_norm)  # global under FSDP2
     loss_value = sum(float(o.losses.detach().sum()) for _, _, o in parts) / n
     finite_out = all(all_finite(o) for _, _, o in parts)
     if state.scaler.is_enabled() and not math.isfinite(grad_norm) and math.isfinite(loss_value):
@@ -141,7 +195,8 @@ def clip_and_check(state: TrainState, parts: list[Part], n: int, max_norm: float
             f"applied, the scale is now {scale * state.scaler.get_backoff_factor():g}: retry "
             "the request",
         )
-    if not (math.isfinite(loss_value) and math.isfinite(grad_norm) and finite_out):
+    finite = math.isfinite(loss_value) and math.isfinite(grad_norm) and finite_out
+    if not agree(finite):  # every rank steps, or none (issue 13)
         raise NonFiniteStepError(
             ErrorCode.INVALID_ARGUMENT,
             f"non-finite loss ({loss_value}), rewards or gradient norm ({grad_norm}); "
@@ -159,7 +214,8 @@ def apply_update(state: TrainState) -> None:
         snapshot = StepSnapshot(optimizer)
     else:
         bad = dry_run(optimizer, state.param_names)
-        if bad is not None:
+        if not agree(bad is None):
+            bad = bad or "a parameter shard on another rank"
             raise NonFiniteStepError(
                 ErrorCode.INVALID_ARGUMENT,
                 f"the optimizer update would make {bad} non-finite (learning rate or "
@@ -167,7 +223,7 @@ def apply_update(state: TrainState) -> None:
                 "unchanged",
             )
     optimizer.step()
-    if updated_finite(optimizer):
+    if agree(updated_finite(optimizer)):
         return
     if snapshot is not None:
         snapshot.restore()

@@ -87,6 +87,9 @@ class SessionRegistry:
         self.sessions: dict[str, Session] = {}
         root = settings.checkpoint_dir
         self.store = None if root is None else SessionStore(root / "sessions")
+        # under torchrun (issue 13), rank 0's engine sends every change to the other ranks
+        self.on_sync: Callable[[Session], None] | None = None  # created or resumed
+        self.on_delete: Callable[[str], None] | None = None
 
     # ----------------------------------------------------------------- durability
     def resume(self) -> int:
@@ -96,8 +99,10 @@ class SessionRegistry:
         count = 0
         for stored in self.store.load_all():
             try:
-                restore(self.create, stored)
+                session = restore(self.create, stored)
                 count += 1
+                if self.on_sync is not None:
+                    self.on_sync(session)
             except Exception as exc:  # a record this version cannot use: keep the rest
                 log.error("session %s not resumed: %s", stored.record.get("id"), exc)
         if count:
@@ -188,6 +193,8 @@ class SessionRegistry:
         self.sessions[sid] = session
         if key is not None:
             self.save(session)
+            if self.on_sync is not None:
+                self.on_sync(session)
         return session, key
 
     def _train_state(
@@ -216,6 +223,8 @@ class SessionRegistry:
         assert self.base is not None
         lora.remove(self.base, sid)
         session.params.clear()
+        if self.on_delete is not None:
+            self.on_delete(sid)
         if self.store is not None:
             self.store.delete(sid)
 

@@ -16,6 +16,8 @@ import uuid
 
 import torch
 
+from dpo_service.engine.distributed import wire
+from dpo_service.engine.distributed.world import agree, current
 from dpo_service.engine.loss_batch import batch_losses
 from dpo_service.engine.losses import merge_parts
 from dpo_service.engine.preparation import PreparedRequest
@@ -78,23 +80,14 @@ def accumulate(session: Session, request: PreparedRequest, settings: Settings) -
     try:
         parts = accumulate_gradients(state, request, settings)
         clip_and_check(state, parts, n, math.inf)  # no clipping: only the finiteness checks
-        buffer = session.accumulated
-        for name, p in session.params.items():
-            if p.grad is None:
-                continue
-            grad = p.grad.detach() * n  # the sum of the per-pair terms' gradients
-            if name in buffer.grads:
-                buffer.grads[name].add_(grad)
-            else:
-                buffer.grads[name] = grad.clone()
+        add_to_buffer(session, n)
     finally:
         state.optimizer.zero_grad(set_to_none=True)
         session.view.eval()
     inputs, out = merge_parts(parts, n)
     request_id = request.request_id or uuid.uuid4().hex
     result = result_from(request, inputs, out, state.version, request_id)
-    buffer.pairs += n
-    buffer.requests += 1
+    buffer = session.accumulated
     buffer.loss_sum += result.loss * n
     result = dataclasses.replace(
         result, extra={"accumulated": True, "accumulated_pairs": buffer.pairs}
@@ -103,6 +96,48 @@ def accumulate(session: Session, request: PreparedRequest, settings: Settings) -
         state.completed.remember(request.request_id, result, request.digest)
     session.touch()
     return result
+
+
+def add_to_buffer(session: Session, n: int) -> None:
+    """Add the adapter's gradient of an ``n``-pair request (its mean loss) to the session's
+    buffer, as ``n ·`` that gradient: the sum of the per-pair terms' gradients."""
+    buffer = session.accumulated
+    for name, p in session.params.items():
+        if p.grad is None:
+            continue
+        grad = p.grad.detach() * n
+        if name in buffer.grads:
+            buffer.grads[name].add_(grad)
+        else:
+            buffer.grads[name] = grad.clone()
+    buffer.pairs += n
+    buffer.requests += 1
+
+
+def step_accumulated(session: Session) -> float:
+    """The optimizer step over the buffer (every rank runs it; it clears the buffer, also
+    when the step is refused). Returns the gradient norm before clipping."""
+    buffer, state = session.accumulated, session.state
+    params = session.params
+    try:
+        for name, p in params.items():
+            grad = buffer.grads.get(name)
+            p.grad = None if grad is None else grad / buffer.pairs
+        clip = session.config.optimizer.grad_clip
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(list(params.values()), clip))
+        if not agree(math.isfinite(grad_norm)):
+            raise NonFiniteStepError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"non-finite accumulated gradient norm ({grad_norm}); step not applied, "
+                "the accumulated gradient is dropped",
+            )
+        apply_update(state)
+    except NonFiniteStepError:
+        buffer.clear()
+        raise
+    finally:
+        state.optimizer.zero_grad(set_to_none=True)
+    return grad_norm
 
 
 def session_step(session: Session, request_id: str | None) -> StepOutcome:
@@ -117,33 +152,19 @@ def session_step(session: Session, request_id: str | None) -> StepOutcome:
             "accumulate=true first",
         )
     check_not_halted(state)
-    params = session.params
-    try:
-        for name, p in params.items():
-            grad = buffer.grads.get(name)
-            p.grad = None if grad is None else grad / buffer.pairs
-        clip = session.config.optimizer.grad_clip
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(list(params.values()), clip))
-        if not math.isfinite(grad_norm):
-            raise NonFiniteStepError(
-                ErrorCode.INVALID_ARGUMENT,
-                f"non-finite accumulated gradient norm ({grad_norm}); step not applied, "
-                "the accumulated gradient is dropped",
-            )
-        apply_update(state)
-    except NonFiniteStepError:
-        buffer.clear()
-        raise
-    finally:
-        state.optimizer.zero_grad(set_to_none=True)
+    world = current()
+    if world is not None:  # every rank steps its copy of the adapter (issue 13)
+        wire.send(world, wire.Command(wire.Op.SESSION_STEP, text=session.id))
     loss = buffer.loss_sum / buffer.pairs
+    pairs, requests = buffer.pairs, buffer.requests
+    grad_norm = step_accumulated(session)
     state.version += 1
     state.last_train_loss = loss
     outcome = StepOutcome(
         session=session.id,
         new_model_version=state.version,
-        pairs=buffer.pairs,
-        requests=buffer.requests,
+        pairs=pairs,
+        requests=requests,
         grad_norm=grad_norm,
         loss=loss,
         request_id=request_id,
