@@ -368,3 +368,28 @@ def _running(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
     except (OSError, IndexError):
         return False
+
+
+def test_an_hf_model_trains_the_same_under_fsdp(tmp_path: Path) -> None:
+    """An ``hf:`` model (a tiny Llama built in the test): FSDP2 finds its decoder layers and
+    two steps give world size 1's losses."""
+    from test_hf_model import TEXT_PAIRS, _save_tiny_llama
+
+    model = tmp_path / "tiny-llama"
+    model.mkdir()
+    _save_tiny_llama(model)
+    runs = []
+    for nproc in (1, 2):
+        world = _start(
+            tmp_path, nproc, "fsdp", tmp_path / f"ckpt-{nproc}", f"hf-{nproc}", model=f"hf:{model}"
+        )
+        try:
+            with world.client() as c:
+                out = [loss(c, TEXT_PAIRS, beta=0.1, train=True)["loss"] for _ in range(2)]
+                out.append(loss(c, TEXT_PAIRS, beta=0.1)["loss"])
+            _stop_cleanly(world)
+        finally:
+            world.close()
+        runs.append(out)
+    assert all(_close(a, b) for a, b in zip(*runs, strict=True)), runs
+    assert runs[0][0] != runs[0][2]  # the steps moved the model

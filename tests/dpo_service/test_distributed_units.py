@@ -80,3 +80,14 @@ def test_auto_takes_ddp_when_the_training_state_fits_else_fsdp(
         parallel.choose_parallel(settings.model_copy(update={"parallel": "ddp"}), model, cpu, True)
         == "ddp"
     )
+
+
+def test_a_bad_rank_count_is_refused_before_anything_starts(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from dpo_service.cli import main
+
+    assert main(["serve", "--nproc-per-node", "0"]) == 2
+    assert "--nproc-per-node must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: not a number
+        main(["serve", "--nproc-per-node", "two"])
