@@ -43,6 +43,28 @@ def strategy_for(settings: Settings, bundle: ModelBundle | None = None) -> LogpS
     return LogpStrategy(LogpStrategyName(settings.logp_strategy).value)
 
 
+def group_logps(
+    model: CausalLM,
+    pairs: Sequence[PairTokens],
+    settings: Settings,
+    bundle: ModelBundle,
+    *,
+    tokens: bool = False,
+) -> SequenceLogps:
+    """:func:`pair_logps` of one micro-batch with the configured layout, head and chunking
+    (the caller sets autocast and the grad mode)."""
+    return pair_logps(
+        model,
+        pairs,
+        strategy=strategy_for(settings, bundle),
+        chunk_size=settings.logp_chunk_size,
+        pad_id=bundle.tokenizer.pad_id,
+        head=settings.logp_head,
+        memory_budget_bytes=settings.memory_budget_bytes,
+        return_token_logps=tokens,
+    )
+
+
 def micro_batches(
     pairs: Sequence[PairTokens], budget: int, *, overhead: int = GROUP_OVERHEAD_TOKENS["cpu"]
 ) -> list[list[int]]:
@@ -125,19 +147,11 @@ def forward_logps(
         return out
     device = model.lm_head_weight.device
     overhead = GROUP_OVERHEAD_TOKENS.get(device.type, GROUP_OVERHEAD_TOKENS["cuda"])
-    strategy = strategy_for(settings, bundle)
     parts = []
     for group in micro_batches(pairs, settings.max_batch_tokens, overhead=overhead):
         with autocast(device, compute_dtype_of(settings.dtype)):
-            logps = pair_logps(
-                model,
-                [pairs[i] for i in group],
-                strategy=strategy,
-                chunk_size=settings.logp_chunk_size,
-                pad_id=bundle.tokenizer.pad_id,
-                head=settings.logp_head,
-                memory_budget_bytes=settings.memory_budget_bytes,
-                return_token_logps=return_token_logps,
+            logps = group_logps(
+                model, [pairs[i] for i in group], settings, bundle, tokens=return_token_logps
             )
         parts.append((group, logps))
     return _concat(parts, len(pairs))
@@ -167,44 +181,23 @@ def sharded_forward_logps(
     (:mod:`dpo_service.engine.distributed.sharded`); the result on rank 0, None elsewhere.
     Under FSDP2 the policy runs through its sharded root (its layers gather their weights)."""
     with world.guard("forward"):
-        return _sharded_forward(world, model, pairs, settings, bundle, tokens)
-
-
-def _sharded_forward(
-    world: World,
-    model: CausalLM,
-    pairs: Sequence[PairTokens],
-    settings: Settings,
-    bundle: ModelBundle,
-    tokens: bool,
-) -> SequenceLogps | None:
-    view = world.train_view(model) if world.parallel == "fsdp" else model
-    device = model.lm_head_weight.device
-    overhead = GROUP_OVERHEAD_TOKENS.get(device.type, GROUP_OVERHEAD_TOKENS["cuda"])
-    strategy = strategy_for(settings, bundle)
-    # FSDP2 gathers weights into buffers it reuses in training: never inference tensors
-    sharded = view is not model
-    parts = []
-    for group in micro_batches(pairs, settings.max_batch_tokens, overhead=overhead):
-        mine, stand_in = share_of(group, world.rank, world.size)
-        with (
-            torch.inference_mode(not sharded and torch.is_inference_mode_enabled()),
-            torch.no_grad(),
-            autocast(device, compute_dtype_of(settings.dtype)),
-        ):
-            if isinstance(view, WrappedLM):
-                view.gather_root()
-            local = pair_logps(
-                view,
-                [pairs[i] for i in mine],
-                strategy=strategy,
-                chunk_size=settings.logp_chunk_size,
-                pad_id=bundle.tokenizer.pad_id,
-                head=settings.logp_head,
-                memory_budget_bytes=settings.memory_budget_bytes,
-                return_token_logps=tokens,
-            )
-        full = gather_logps(world, local, group, pairs, tokens=tokens, stand_in=stand_in)
-        if full is not None:
-            parts.append((group, full))
-    return _concat(parts, len(pairs)) if world.is_leader else None
+        view = world.train_view(model) if world.parallel == "fsdp" else model
+        device = model.lm_head_weight.device
+        overhead = GROUP_OVERHEAD_TOKENS.get(device.type, GROUP_OVERHEAD_TOKENS["cuda"])
+        # FSDP2 gathers weights into buffers it reuses in training: never inference tensors
+        sharded = view is not model
+        parts = []
+        for group in micro_batches(pairs, settings.max_batch_tokens, overhead=overhead):
+            mine, stand_in = share_of(group, world.rank, world.size)
+            with (
+                torch.inference_mode(not sharded and torch.is_inference_mode_enabled()),
+                torch.no_grad(),
+                autocast(device, compute_dtype_of(settings.dtype)),
+            ):
+                if isinstance(view, WrappedLM):
+                    view.gather_root()
+                local = group_logps(view, [pairs[i] for i in mine], settings, bundle, tokens=tokens)
+            full = gather_logps(world, local, group, pairs, tokens=tokens, stand_in=stand_in)
+            if full is not None:
+                parts.append((group, full))
+        return _concat(parts, len(pairs)) if world.is_leader else None

@@ -30,7 +30,7 @@ from dpo_service.engine.distributed import wire
 from dpo_service.engine.distributed.parallel import clip_grad_norm
 from dpo_service.engine.distributed.train import sharded_gradients, train_command
 from dpo_service.engine.distributed.world import World, agree, current
-from dpo_service.engine.forward import micro_batches, strategy_for
+from dpo_service.engine.forward import group_logps, micro_batches
 from dpo_service.engine.losses import (
     Part,
     compute_loss,
@@ -46,7 +46,7 @@ from dpo_service.engine.step_guard import StepSnapshot, dry_run, updated_finite
 from dpo_service.engine.train_state import TrainState
 from dpo_service.errors import ErrorCode, ServiceError
 from dpo_service.settings import Settings, StepRollback
-from modern_llm.alignment.logprobs import PairTokens, SequenceLogps, pair_logps
+from modern_llm.alignment.logprobs import PairTokens, SequenceLogps
 
 
 class NonFiniteStepError(ServiceError):
@@ -117,15 +117,8 @@ def accumulate_gradients(
         ref = _reference_logps(state, sub, settings) if request.reference == "frozen" else None
         model = state.bundle.causal_lm
         with autocast(model.lm_head_weight.device, state.compute_dtype):
-            logps = pair_logps(
-                model,
-                sub,
-                strategy=strategy_for(settings, state.bundle),
-                chunk_size=settings.logp_chunk_size,
-                pad_id=state.bundle.tokenizer.pad_id,
-                head=settings.logp_head,
-                memory_budget_bytes=settings.memory_budget_bytes,
-                return_token_logps=request.return_token_logps,
+            logps = group_logps(
+                model, sub, settings, state.bundle, tokens=request.return_token_logps
             )
         inputs = preference_inputs(request, logps, ref, group)  # float32 log-probs
         out = compute_loss(request, inputs, logps)

@@ -25,12 +25,12 @@ from dpo_service.engine.distributed import parallel, wire
 from dpo_service.engine.distributed.parallel import WrappedLM
 from dpo_service.engine.distributed.sharded import gather_logps, positions, share_of
 from dpo_service.engine.distributed.world import World
-from dpo_service.engine.forward import micro_batches, strategy_for
+from dpo_service.engine.forward import group_logps, micro_batches
 from dpo_service.engine.precision import autocast
 from dpo_service.engine.train_state import TrainState
 from dpo_service.errors import ErrorCode, ServiceError
 from dpo_service.settings import Settings
-from modern_llm.alignment.logprobs import PairTokens, SequenceLogps, pair_logps
+from modern_llm.alignment.logprobs import PairTokens, SequenceLogps
 
 #: Rank 0's loss for one micro-batch: (its pairs' indices, their gathered log-probs as leaves
 #: that require grad) -> the scalar whose gradient the step takes.
@@ -77,65 +77,45 @@ def sharded_gradients(
     rank: followers get a bare marker), else None. A failure of DDP's or FSDP2's own
     collectives inside backward fails the world (:meth:`World.guard`)."""
     with world.guard("train step"):
-        return _gradients(world, state, pairs, settings, tokens=tokens, loss_of=loss_of)
-
-
-def _gradients(
-    world: World,
-    state: TrainState,
-    pairs: Sequence[PairTokens],
-    settings: Settings,
-    *,
-    tokens: bool,
-    loss_of: LossOf | None,
-) -> ServiceError | None:
-    lm = state.bundle.causal_lm
-    view = world.train_view(lm)
-    strategy = strategy_for(settings, state.bundle)
-    refused: ServiceError | None = None
-    for group in micro_batches(pairs, settings.max_batch_tokens):
-        mine, stand_in = share_of(group, world.rank, world.size)
-        if isinstance(view, WrappedLM):
-            view.gather_root()
-        with autocast(lm.lm_head_weight.device, state.compute_dtype):
-            local = pair_logps(
-                view,
-                [pairs[i] for i in mine],
-                strategy=strategy,
-                chunk_size=settings.logp_chunk_size,
-                pad_id=state.bundle.tokenizer.pad_id,
-                head=settings.logp_head,
-                memory_budget_bytes=settings.memory_budget_bytes,
-                return_token_logps=tokens,
-            )
-        full = gather_logps(world, local, group, pairs, tokens=tokens, stand_in=stand_in)
-        g = len(group)
-        grads = torch.zeros(2 * g + 1, dtype=torch.float32, device=world.device)
-        if full is not None and refused is None:
-            assert loss_of is not None
-            leaves = _leaves(full)
-            try:
-                state.scaler.scale(loss_of(list(group), leaves)).backward()
-                both = torch.stack([_grad(leaves.chosen), _grad(leaves.rejected)])
-                grads[: 2 * g] = both.reshape(-1).to(world.device, torch.float32)
-                grads[-1] = 1.0
-            except ServiceError as exc:
-                refused = exc
-        world.broadcast(grads)
-        ok = bool(grads[-1].item() == 1.0)
-        if not ok and refused is None:
-            refused = REFUSED  # a follower: rank 0's loss refused the request
-        if stand_in or not ok:  # no gradient, but the same backward (DDP/FSDP2 in step)
-            g_c, g_r = torch.zeros_like(local.chosen), torch.zeros_like(local.rejected)
-        else:
-            rows = torch.tensor(positions(group, world.rank, world.size), device=world.device)
-            both = grads[: 2 * g].view(2, g)[:, rows] * float(world.size)
-            g_c = both[0].to(local.chosen.device, local.chosen.dtype)
-            g_r = both[1].to(local.rejected.device, local.rejected.dtype)
-        torch.autograd.backward([local.chosen, local.rejected], [g_c, g_r])
-    if id(lm) not in world.wrapped:  # a session's adapter: replicated, not under DDP
-        parallel.reduce_gradients(world, state.trainable())
-    return refused
+        lm = state.bundle.causal_lm
+        view = world.train_view(lm)
+        refused: ServiceError | None = None
+        for group in micro_batches(pairs, settings.max_batch_tokens):
+            mine, stand_in = share_of(group, world.rank, world.size)
+            if isinstance(view, WrappedLM):
+                view.gather_root()
+            with autocast(lm.lm_head_weight.device, state.compute_dtype):
+                local = group_logps(
+                    view, [pairs[i] for i in mine], settings, state.bundle, tokens=tokens
+                )
+            full = gather_logps(world, local, group, pairs, tokens=tokens, stand_in=stand_in)
+            g = len(group)
+            grads = torch.zeros(2 * g + 1, dtype=torch.float32, device=world.device)
+            if full is not None and refused is None:
+                assert loss_of is not None
+                leaves = _leaves(full)
+                try:
+                    state.scaler.scale(loss_of(list(group), leaves)).backward()
+                    both = torch.stack([_grad(leaves.chosen), _grad(leaves.rejected)])
+                    grads[: 2 * g] = both.reshape(-1).to(world.device, torch.float32)
+                    grads[-1] = 1.0
+                except ServiceError as exc:
+                    refused = exc
+            world.broadcast(grads)
+            ok = bool(grads[-1].item() == 1.0)
+            if not ok and refused is None:
+                refused = REFUSED  # a follower: rank 0's loss refused the request
+            if stand_in or not ok:  # no gradient, but the same backward (DDP/FSDP2 in step)
+                g_c, g_r = torch.zeros_like(local.chosen), torch.zeros_like(local.rejected)
+            else:
+                rows = torch.tensor(positions(group, world.rank, world.size), device=world.device)
+                both = grads[: 2 * g].view(2, g)[:, rows] * float(world.size)
+                g_c = both[0].to(local.chosen.device, local.chosen.dtype)
+                g_r = both[1].to(local.rejected.device, local.rejected.dtype)
+            torch.autograd.backward([local.chosen, local.rejected], [g_c, g_r])
+        if id(lm) not in world.wrapped:  # a session's adapter: replicated, not under DDP
+            parallel.reduce_gradients(world, state.trainable())
+        return refused
 
 
 def _grad(t: torch.Tensor) -> torch.Tensor:
