@@ -339,8 +339,8 @@ class Settings(BaseSettings):
     dist_heartbeat_s: float = Field(
         2.0,
         gt=0,
-        description="Under torchrun, rank 0 checks every rank is alive this often when idle "
-        "(a dead rank makes the service not-ready and exit 4).",
+        description="Under torchrun, rank 0 checks every rank is alive this often, between "
+        "batches (a dead rank makes the service not-ready and exit 4).",
     )
     world_size: int = Field(
         1, ge=1, validation_alias="WORLD_SIZE", description="Set by torchrun (`WORLD_SIZE`)."

@@ -18,19 +18,17 @@ import os
 import re
 import shutil
 import signal
-import time
 from pathlib import Path
 from typing import Any
 
 import grpc
-import httpx
 import pytest
 from safetensors.torch import load_file
 
 from dpo_service.api.grpc.gen import dpo_service_pb2 as pb
 from dpo_service.api.grpc.gen import dpo_service_pb2_grpc as pb_grpc
 from server_process import AUTH
-from torchrun_world import PAIRS, TorchrunWorld, loss, wait_gone
+from torchrun_world import PAIRS, WORLD_ENV, TorchrunWorld, loss, start_world, wait_gone
 
 pytestmark = pytest.mark.slow
 
@@ -39,12 +37,6 @@ SESSION_LR = 1e-2
 STEPS = 3
 REL = 1e-5
 LORA = {"rank": 4, "alpha": 8.0, "seed": 7}
-WORLD_ENV: dict[str, Any] = {
-    "keep_reference": "true",
-    "max_batch_tokens": 64,
-    "checkpoint_every": 1,
-    "max_sessions": 2,
-}
 
 
 def bearer(key: str) -> dict[str, str]:
@@ -183,18 +175,6 @@ def _adapter(path: Path) -> dict[str, Any]:
     }
 
 
-def _start(
-    tmp: Path, nproc: int, parallel: str, ckpt: Path, name: str, **env: Any
-) -> TorchrunWorld:
-    world = TorchrunWorld(
-        tmp / f"{name}.log", nproc, parallel=parallel, checkpoint_dir=str(ckpt),
-        **{**WORLD_ENV, **env},
-    )  # fmt: skip
-    world.checkpoint_dir = ckpt
-    world.wait_ready(180)
-    return world
-
-
 def _train_and_probe(world: TorchrunWorld, tag: str, key: str | None, sid: str | None) -> dict[str, Any]:  # fmt: skip
     """One default-model step and one session step, then loss-only answers of both."""
     with world.client() as c:
@@ -224,7 +204,7 @@ def test_a_checkpoint_crosses_world_sizes_both_ways(tmp_path: Path) -> None:
     1 each resume that checkpoint (with its AdamW moments) and take the same next step: the
     same answers, so the moments crossed too (a fresh AdamW's first step would differ)."""
     ckpt = tmp_path / "ckpt"
-    two = _start(tmp_path, 2, "fsdp", ckpt, "two-fsdp")
+    two = start_world(tmp_path, 2, "fsdp", ckpt, "two-fsdp")
     try:
         with two.client() as c:
             created = c.post("/v1/sessions", json={"lora": LORA}, headers=AUTH)
@@ -234,7 +214,7 @@ def test_a_checkpoint_crosses_world_sizes_both_ways(tmp_path: Path) -> None:
         _stop_cleanly(two)
     finally:
         two.close()
-    one = _start(tmp_path, 1, "ddp", ckpt, "one")
+    one = start_world(tmp_path, 1, "ddp", ckpt, "one")
     try:
         after = _resumed(one, key, sid)
         assert after["version"] == before["version"] == 1
@@ -249,7 +229,7 @@ def test_a_checkpoint_crosses_world_sizes_both_ways(tmp_path: Path) -> None:
     shutil.copytree(ckpt, copy, ignore=shutil.ignore_patterns("*.lock", "LOCK*"))
     nexts = []
     for nproc, where, name in ((2, ckpt, "two-again"), (1, copy, "one-again")):
-        world = _start(tmp_path, nproc, "fsdp", where, name)
+        world = start_world(tmp_path, nproc, "fsdp", where, name)
         try:
             with world.client() as c:
                 model = c.get("/v1/model", headers=AUTH).json()
@@ -263,57 +243,10 @@ def test_a_checkpoint_crosses_world_sizes_both_ways(tmp_path: Path) -> None:
     assert _close(nexts[0]["probe"]["loss"], nexts[1]["probe"]["loss"])
 
 
-def test_a_dead_rank_fails_requests_with_503_and_the_world_exits(tmp_path: Path) -> None:
-    """SIGKILL of rank 1 while rank 0 runs a train step: the step is refused with 503 (not a
-    hang, not applied), gRPC answers UNAVAILABLE, rank 0 turns not-ready and the world exits
-    non-zero, within bounded times."""
-    world = _start(tmp_path, 2, "ddp", tmp_path / "ckpt", "dead", dist_timeout_s=20)
-    try:
-        big = [
-            {"prompt": "tell me a long story " * 8, "chosen": " ok " * 20, "rejected": " no " * 20}
-        ] * 32
-        with world.client(timeout=60) as c:
-            assert loss(c, PAIRS, beta=0.1, train=True)["new_model_version"] == 1
-            pids = world.rank_pids()
-            import threading
-
-            killer = threading.Timer(0.3, os.kill, (pids[1], signal.SIGKILL))
-            killer.start()
-            started = time.monotonic()
-            r = c.post("/dpo/loss", json={"pairs": big * 2, "train": True}, headers=AUTH)
-            waited = time.monotonic() - started
-            killer.join()
-            assert r.status_code == 503, r.text
-            assert waited < 30
-            assert "rank" in r.json()["detail"]
-            try:
-                ready = c.get("/health/ready").status_code
-            except httpx.TransportError:
-                ready = None  # already gone: not ready either
-            assert ready != 200
-        with grpc.insecure_channel(world.grpc_target) as channel:
-            stub = pb_grpc.DpoServiceStub(channel)
-            with pytest.raises(grpc.RpcError) as err:
-                stub.ComputeLoss(
-                    pb.ComputeLossRequest(
-                        pairs=[pb.PreferencePair(text=pb.TextTriple(**p)) for p in PAIRS]
-                    ),
-                    metadata=(("authorization", AUTH["Authorization"]),),
-                    timeout=30,
-                )
-            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert wait_gone(world, 60) != 0
-        text = world.log()
-        assert "distributed world failed" in text
-        assert "stopped at model version 1" in text  # the refused step never counted
-    finally:
-        world.close()
-
-
 def _own_base_run(tmp: Path, nproc: int) -> list[float]:
     """Sessions on a base of their own (no frozen reference copy kept): rank 0 builds it and
     every rank takes its weights; a step against that base's adapter-off reference."""
-    world = _start(
+    world = start_world(
         tmp, nproc, "ddp", tmp / f"ckpt-{nproc}", f"own-base-{nproc}", keep_reference="false"
     )
     try:
@@ -340,36 +273,6 @@ def test_sessions_on_their_own_base_match_world_one(tmp_path: Path) -> None:
     assert one[1] != one[0]  # the step moved the adapter
 
 
-def test_an_idle_world_notices_a_dead_rank_without_its_launcher(tmp_path: Path) -> None:
-    """torchrun gone (SIGKILL: it can no longer tear the world down), then rank 1 killed
-    while no request runs: rank 0's heartbeat fails within a bounded time, it turns
-    not-ready and exits by itself (no orphan serving with half a model)."""
-    world = _start(tmp_path, 2, "ddp", tmp_path / "ckpt", "idle", dist_heartbeat_s=0.5)
-    try:
-        pids = world.rank_pids()
-        world.proc.kill()
-        world.proc.wait(30)
-        os.kill(pids[1], signal.SIGKILL)
-        deadline = time.monotonic() + 30
-        while _running(pids[0]) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not _running(pids[0]), world.log()
-        assert "heartbeat failed" in world.log()
-    finally:
-        world.close()
-        for pid in pids.values():
-            if _running(pid):
-                os.kill(pid, signal.SIGKILL)
-
-
-def _running(pid: int) -> bool:
-    """``pid`` exists and is not a zombie (an orphan's parent may be slow to reap it)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
 def test_an_hf_model_trains_the_same_under_fsdp(tmp_path: Path) -> None:
     """An ``hf:`` model (a tiny Llama built in the test): FSDP2 finds its decoder layers and
     two steps give world size 1's losses."""
@@ -380,7 +283,7 @@ def test_an_hf_model_trains_the_same_under_fsdp(tmp_path: Path) -> None:
     _save_tiny_llama(model)
     runs = []
     for nproc in (1, 2):
-        world = _start(
+        world = start_world(
             tmp_path, nproc, "fsdp", tmp_path / f"ckpt-{nproc}", f"hf-{nproc}", model=f"hf:{model}"
         )
         try:

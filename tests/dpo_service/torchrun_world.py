@@ -24,8 +24,18 @@ PAIRS = [  # mixed lengths: micro-batches of unequal shares
 ]
 
 
+WORLD_ENV: dict[str, Any] = {
+    "keep_reference": "true",
+    "max_batch_tokens": 64,
+    "checkpoint_every": 1,
+    "max_sessions": 2,
+}
+
+
 class TorchrunWorld(ServerProcess):
     """``python -m torch.distributed.run --standalone --nproc-per-node N -m dpo_service serve``."""
+
+    checkpoint_dir: Path | None = None  # set by start_world
 
     def __init__(self, log_path: Path, nproc: int, **env: Any) -> None:
         self.command = (
@@ -65,6 +75,19 @@ class TorchrunWorld(ServerProcess):
                 os.kill(pid, signal.SIGKILL)
 
 
+def start_world(
+    tmp: Path, nproc: int, parallel: str, ckpt: Path, name: str, **env: Any
+) -> TorchrunWorld:
+    """A world of ``nproc`` ranks on ``ckpt`` (``WORLD_ENV`` plus ``env``), once it is ready."""
+    world = TorchrunWorld(
+        tmp / f"{name}.log", nproc, parallel=parallel, checkpoint_dir=str(ckpt),
+        **{**WORLD_ENV, **env},
+    )  # fmt: skip
+    world.checkpoint_dir = ckpt
+    world.wait_ready(180)
+    return world
+
+
 def loss(
     client: httpx.Client,
     pairs: list[dict[str, Any]],
@@ -86,4 +109,4 @@ def wait_gone(world: TorchrunWorld, timeout: float) -> int:
     raise AssertionError(f"torchrun still running after {timeout} s:\n{world.log()}")
 
 
-__all__ = ["PAIRS", "TorchrunWorld", "loss", "os", "wait_gone"]
+__all__ = ["PAIRS", "WORLD_ENV", "TorchrunWorld", "loss", "start_world", "wait_gone"]

@@ -1,8 +1,7 @@
 """Rank 0's commands to the other ranks: a fixed-size header, then tensors.
 
 Every command is one int64 header of :data:`HEADER` slots (a magic number, the op, the
-counts, up to :data:`MAX_INTS` small integers), then a float64 tensor of parameters when
-there are any, the UTF-8 bytes of a short key (a model or session name, at most
+counts, up to :data:`MAX_INTS` small integers), then the UTF-8 bytes of a short key (a model or session name, at most
 :data:`MAX_TEXT` bytes), and the payload tensors, each preceded by its own small shape
 header. Nothing of unbounded size is pickled: a request's pairs travel as two int64 tensors
 (:func:`encode_pairs`). All of it goes over the world's gloo command group
@@ -47,7 +46,6 @@ class Op(IntEnum):
 class Command:
     op: Op
     ints: list[int] = field(default_factory=list)
-    floats: list[float] = field(default_factory=list)
     text: str = ""
     tensors: list[torch.Tensor] = field(default_factory=list)
 
@@ -65,20 +63,11 @@ def send(world: World, command: Command) -> None:
     if len(command.ints) > MAX_INTS or len(text) > MAX_TEXT:
         raise ValueError("command header too large")
     header = torch.zeros(HEADER, dtype=torch.int64)
-    header[:6] = torch.tensor(
-        [
-            MAGIC,
-            int(command.op),
-            len(command.tensors),
-            len(command.ints),
-            len(command.floats),
-            len(text),
-        ]
+    header[:5] = torch.tensor(
+        [MAGIC, int(command.op), len(command.tensors), len(command.ints), len(text)]
     )
-    header[6 : 6 + len(command.ints)] = torch.tensor(command.ints, dtype=torch.int64)
+    header[5 : 5 + len(command.ints)] = torch.tensor(command.ints, dtype=torch.int64)
     _bcast(world, header)
-    if command.floats:
-        _bcast(world, torch.tensor(command.floats, dtype=torch.float64))
     if text:
         _bcast(world, torch.frombuffer(bytearray(text), dtype=torch.uint8))
     for t in command.tensors:
@@ -95,12 +84,10 @@ def send(world: World, command: Command) -> None:
 def recv(world: World) -> Command:
     """Ranks > 0: the next command (blocks until rank 0 sends one)."""
     header = _bcast(world, torch.zeros(HEADER, dtype=torch.int64))
-    magic, op, n_tensors, n_ints, n_floats, n_text = (int(v) for v in header[:6])
+    magic, op, n_tensors, n_ints, n_text = (int(v) for v in header[:5])
     if magic != MAGIC:
         raise RuntimeError(f"bad command header {header.tolist()}")
-    command = Command(Op(op), ints=[int(v) for v in header[6 : 6 + n_ints]])
-    if n_floats:
-        command.floats = _bcast(world, torch.zeros(n_floats, dtype=torch.float64)).tolist()
+    command = Command(Op(op), ints=[int(v) for v in header[5 : 5 + n_ints]])
     if n_text:
         raw = _bcast(world, torch.zeros(n_text, dtype=torch.uint8))
         command.text = bytes(raw.tolist()).decode("utf-8")
@@ -133,8 +120,8 @@ def decode_pairs(lengths: torch.Tensor, flat: torch.Tensor) -> list[PairTokens]:
 
 
 def heartbeat(world: World) -> None:
-    """Rank 0's worker thread, when idle for ``DPO_DIST_HEARTBEAT_S``: every rank answers one
-    agreement. A rank that died while no request ran fails it, so the service goes not-ready
+    """Rank 0's worker thread, every ``DPO_DIST_HEARTBEAT_S`` (between batches): every rank
+    answers one agreement. A rank that died while no request ran fails it, so the service goes not-ready
     even when no launcher is left to notice."""
     send(world, Command(Op.HEARTBEAT))
     world.agree(True)
